@@ -1,0 +1,546 @@
+#!/usr/bin/env bash
+# Portcullis benchmark harness: Portcullis against nginx, HAProxy and Caddy on
+# one machine, same upstream, same certificate, same pinning.  See
+# bench/README.md for the cases and the fairness rules.
+#
+#   bench/run.sh            # full run (BENCH_DURATION=10s, 3 reps, c=64 and 256)
+#   bench/run.sh --quick    # short smoke run (3s runs, 3 reps, c=64)
+#
+# Environment (all optional):
+#   BENCH_DURATION=10s      length of one measured wrk run
+#   BENCH_REPS=3            repetitions (runs are interleaved A B A B; >= 3)
+#   BENCH_CONNS="64 256"    concurrencies
+#   BENCH_WARMUP=2s         one warm-up run per case before the first rep
+#   BENCH_QUICK=1           same as --quick
+#   BENCH_ONLY=REGEX        only the cases whose name matches (nginx-tls is
+#                           always kept: every ratio is taken against it)
+#   BENCH_PEERS_ONLY=1      skip the Portcullis cases (no cargo build)
+#   BENCH_TOKENS=2000       distinct service-account tokens for cold / L2 cases
+#   BENCH_L2_L1_ENTRIES=64  L1 size of the gateway measured on L2 hits
+#   BENCH_PC_TTL=1h         Portcullis cache TTL (long, so nothing expires mid-run)
+#   BENCH_SERVER_CPU=0      core for every server (upstream, proxy, stand-in, redis)
+#   BENCH_CLIENT_CPU=1      core for the load generator
+#   BENCH_PORT_BASE=18000   loopback ports used: BASE+80 .. BASE+490
+#   BENCH_SKIP_INSTALL=1    do not apt-get anything
+#   BENCH_SKIP_BUILD=1      use the existing release binaries
+#   BENCH_H2=1              also run h2load (HTTP/2) for nginx-tls and portcullis-bearer
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
+
+QUICK=${BENCH_QUICK:-0}
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+if [[ "$QUICK" == 1 ]]; then
+  DURATION=${BENCH_DURATION:-3s}; WARMUP=${BENCH_WARMUP:-1s}
+  CONNS=${BENCH_CONNS:-64}; TOKENS=${BENCH_TOKENS:-600}
+else
+  DURATION=${BENCH_DURATION:-10s}; WARMUP=${BENCH_WARMUP:-2s}
+  CONNS=${BENCH_CONNS:-64 256}; TOKENS=${BENCH_TOKENS:-2000}
+fi
+REPS=${BENCH_REPS:-3}
+ONLY=${BENCH_ONLY:-}
+PEERS_ONLY=${BENCH_PEERS_ONLY:-0}
+L2_L1_ENTRIES=${BENCH_L2_L1_ENTRIES:-64}
+PC_TTL=${BENCH_PC_TTL:-1h}
+SERVER_CPU=${BENCH_SERVER_CPU:-0}
+CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
+BASE=${BENCH_PORT_BASE:-18000}
+H2=${BENCH_H2:-0}
+WRK_TIMEOUT=${BENCH_WRK_TIMEOUT:-10s}
+
+PORT_UPSTREAM=$((BASE + 80))
+PORT_NGINX_TLS=$((BASE + 443)); PORT_NGINX_SHA=$((BASE + 444)); PORT_NGINX_BCRYPT=$((BASE + 445))
+PORT_HAPROXY_TLS=$((BASE + 453)); PORT_HAPROXY_BEARER=$((BASE + 454))
+PORT_CADDY_TLS=$((BASE + 463)); PORT_CADDY_BASIC=$((BASE + 464))
+PORT_PC=$((BASE + 473)); PORT_PC_ADMIN=$((BASE + 474))
+PORT_PC_COLD=$((BASE + 475)); PORT_PC_COLD_ADMIN=$((BASE + 476))
+PORT_PC_L2A=$((BASE + 477)); PORT_PC_L2A_ADMIN=$((BASE + 478))
+PORT_PC_L2B=$((BASE + 479)); PORT_PC_L2B_ADMIN=$((BASE + 480))
+PORT_STUB=$((BASE + 490)); PORT_REDIS=$((BASE + 379))
+
+BASIC_USER=bench; BASIC_PASS=bench-password-1
+GRAFANA_USER=admin; GRAFANA_PASS=admin
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Settings the gateway would read from the environment must not leak in.
+while read -r v; do unset "$v"; done < <(compgen -e | grep '^PORTCULLIS_' || true)
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+ncpu=$(nproc)
+(( SERVER_CPU < ncpu && CLIENT_CPU < ncpu )) || die "need cores $SERVER_CPU and $CLIENT_CPU, have $ncpu"
+[[ "$SERVER_CPU" != "$CLIENT_CPU" ]] || log "WARNING: servers and load generator share core $SERVER_CPU"
+(( REPS >= 3 )) || log "WARNING: BENCH_REPS=$REPS < 3: medians of fewer than 3 runs"
+
+# ---------------------------------------------------------------- install --
+install_missing() {
+  local need=() pair cmd pkg
+  for pair in nginx:nginx haproxy:haproxy caddy:caddy wrk:wrk h2load:nghttp2-client \
+              htpasswd:apache2-utils openssl:openssl curl:curl taskset:util-linux \
+              redis-server:redis-server redis-cli:redis-tools; do
+    cmd=${pair%%:*}; pkg=${pair#*:}
+    if [[ "$cmd" == redis-* && "$PEERS_ONLY" == 1 ]]; then continue; fi
+    command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  ((${#need[@]})) || return 0
+  [[ "${BENCH_SKIP_INSTALL:-0}" != 1 ]] || die "missing: ${need[*]} (and BENCH_SKIP_INSTALL=1)"
+  local sudo=()
+  [[ $EUID -eq 0 ]] || sudo=(sudo)
+  log "installing Debian packages: ${need[*]}"
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+}
+install_missing
+
+# ------------------------------------------------------------------ build --
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+PC_BIN=$TARGET_DIR/release/portcullis
+STUB_BIN=$TARGET_DIR/release/examples/grafana_stub
+if [[ "$PEERS_ONLY" != 1 ]]; then
+  if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
+    command -v cargo >/dev/null || { [[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"; }
+    command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) or run with BENCH_PEERS_ONLY=1"
+    log "cargo build --release (portcullis, grafana_stub)"
+    (cd "$ROOT" && cargo build --release --quiet --bin portcullis) || die "cargo build of portcullis failed"
+    (cd "$ROOT" && { cargo build --release --quiet --example grafana_stub 2>/dev/null ||
+                     cargo build --release --quiet -p grafana-stub --example grafana_stub; }) ||
+      die "cargo build of the grafana_stub example failed"
+  fi
+  [[ -x "$PC_BIN" ]] || die "$PC_BIN missing"
+  [[ -x "$STUB_BIN" ]] || die "$STUB_BIN missing"
+fi
+
+# ----------------------------------------------------------- out directory --
+STAMP=$(date +%Y%m%d-%H%M%S)
+OUT=$BENCH_DIR/out/$STAMP
+RUN=$OUT/run; RAW=$OUT/raw
+mkdir -p "$RUN" "$RAW" "$RUN/www" "$RUN/caddy-data"
+mkdir -p "$RUN"/{upstream-tmp,nginx-tmp}/{body,proxy,fastcgi,uwsgi,scgi}
+ln -sfn "$STAMP" "$BENCH_DIR/out/latest"
+RESULTS=$OUT/results.tsv
+printf 'case\tc\trep\trps\tp50_ms\tp99_ms\trequests\tnon2xx\tsock_errors\tnote\n' > "$RESULTS"
+chmod 755 "$OUT" "$RUN"   # nginx workers may run as nobody: they read htpasswd and www/
+log "results in $OUT"
+
+# -------------------------------------------------------------- processes --
+declare -A ALIVE=()   # pid -> name, every process this script started
+declare -A PID_OF=()  # name -> pid
+
+start_bg() {  # start_bg NAME CMD... : start pinned to the server core
+  local name=$1; shift
+  taskset -c "$SERVER_CPU" "$@" >"$RUN/$name.log" 2>&1 &
+  local pid=$!
+  ALIVE[$pid]=$name; PID_OF[$name]=$pid
+  echo "$pid" > "$RUN/$name.pid"
+}
+stop_pid() {
+  local pid=$1 i
+  [[ -n "${ALIVE[$pid]:-}" ]] || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  unset "ALIVE[$pid]"
+}
+stop_name() { local pid=${PID_OF[$1]:-}; [[ -z "$pid" ]] || stop_pid "$pid"; unset "PID_OF[$1]"; }
+cleanup() {
+  local rc=$? pid
+  trap - EXIT INT TERM
+  for pid in "${!ALIVE[@]}"; do stop_pid "$pid"; done
+  ((rc == 0)) || log "exited with status $rc; logs in $RUN"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+alive_or_die() { kill -0 "${PID_OF[$1]}" 2>/dev/null || { tail -20 "$RUN/$1.log" >&2; die "$1 exited"; }; }
+wait_http() {  # wait_http NAME URL [want_code]: until the URL answers (any code, or want_code)
+  local name=$1 url=$2 want=${3:-} code i
+  for ((i = 0; i < 300; i++)); do
+    alive_or_die "$name"
+    code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)
+    if [[ "$code" != 000 && ( -z "$want" || "$code" == "$want" ) ]]; then return 0; fi
+    sleep 0.1
+  done
+  die "$name did not answer on $url (last code $code)"
+}
+vmhwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# nginx: the worker (child of the master) does the work
+nginx_worker() { local w; w=$(cat "/proc/$1/task/$1/children" 2>/dev/null | awk '{print $1}'); echo "${w:-$1}"; }
+declare -A RSS_KIB=()  # case name -> peak RSS (KiB) of the process serving it
+note_rss() { local name=$1 kib=$2; (( kib > ${RSS_KIB[$name]:-0} )) && RSS_KIB[$name]=$kib || true; }
+
+# ------------------------------------------------------------- materials --
+log "self-signed certificate (ECDSA P-256), htpasswd files, static file"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+  -keyout "$RUN/key.pem" -out "$RUN/cert.pem" -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+cat "$RUN/cert.pem" "$RUN/key.pem" > "$RUN/certkey.pem"
+chmod 644 "$RUN/cert.pem"; chmod 600 "$RUN/key.pem" "$RUN/certkey.pem"
+htpasswd -nbB "$BASIC_USER" "$BASIC_PASS" > "$RUN/htpasswd.bcrypt"   # bcrypt, htpasswd's default cost (5)
+htpasswd -nbs "$BASIC_USER" "$BASIC_PASS" > "$RUN/htpasswd.sha"      # {SHA}
+chmod 644 "$RUN/htpasswd.bcrypt" "$RUN/htpasswd.sha"
+CADDY_BCRYPT=$(caddy hash-password --plaintext "$BASIC_PASS")          # bcrypt, Caddy's default cost
+{
+  printf '<!DOCTYPE html>\n<html><head><title>bench</title></head><body>\n'
+  for i in $(seq 1 10); do printf '<p>Portcullis benchmark upstream: a small static file, line %02d.</p>\n' "$i"; done
+  printf '</body></html>\n'
+} > "$RUN/www/index.html"
+chmod -R a+rX "$RUN/www"
+openssl rand -out "$RUN/cache.key" 32
+echo "glsa_placeholder" > "$RUN/haproxy-tokens.lst"   # final list written once tokens exist
+BASIC_PEER_B64=$(printf '%s:%s' "$BASIC_USER" "$BASIC_PASS" | base64 -w0)
+BASIC_GRAFANA_B64=$(printf '%s:%s' "$GRAFANA_USER" "$GRAFANA_PASS" | base64 -w0)
+
+render() {  # render TEMPLATE DEST [KEY=VALUE ...]
+  local src=$1 dst=$2; shift 2
+  local args=() kv
+  for kv in RUN="$RUN" CERT="$RUN/cert.pem" KEY="$RUN/key.pem" CERTKEY="$RUN/certkey.pem" \
+            PORT_UPSTREAM=$PORT_UPSTREAM PORT_NGINX_TLS=$PORT_NGINX_TLS PORT_NGINX_SHA=$PORT_NGINX_SHA \
+            PORT_NGINX_BCRYPT=$PORT_NGINX_BCRYPT PORT_HAPROXY_TLS=$PORT_HAPROXY_TLS \
+            PORT_HAPROXY_BEARER=$PORT_HAPROXY_BEARER PORT_CADDY_TLS=$PORT_CADDY_TLS \
+            PORT_CADDY_BASIC=$PORT_CADDY_BASIC PORT_STUB=$PORT_STUB BASIC_USER=$BASIC_USER \
+            CADDY_BCRYPT="$CADDY_BCRYPT" PC_TTL="$PC_TTL" "$@"; do
+    args+=(-e "s|@${kv%%=*}@|${kv#*=}|g")
+  done
+  sed "${args[@]}" "$src" > "$dst"
+  if grep -q '@[A-Z_]*@' "$dst"; then die "unrendered placeholder in $dst: $(grep -o '@[A-Z_]*@' "$dst" | head -1)"; fi
+}
+render "$BENCH_DIR/conf/upstream-nginx.conf" "$RUN/upstream-nginx.conf"
+render "$BENCH_DIR/conf/nginx-proxy.conf" "$RUN/nginx-proxy.conf"
+render "$BENCH_DIR/conf/haproxy.cfg" "$RUN/haproxy.cfg"
+render "$BENCH_DIR/conf/Caddyfile" "$RUN/Caddyfile"
+
+# ----------------------------------------------------------------- peers --
+log "validating peer configurations"
+nginx -t -q -e stderr -p "$RUN" -c "$RUN/upstream-nginx.conf" >/dev/null 2>"$RUN/nginx-t.log" || { cat "$RUN/nginx-t.log" >&2; die "upstream nginx config"; }
+nginx -t -q -e stderr -p "$RUN" -c "$RUN/nginx-proxy.conf" >/dev/null 2>"$RUN/nginx-t.log" || { cat "$RUN/nginx-t.log" >&2; die "nginx proxy config"; }
+haproxy -c -f "$RUN/haproxy.cfg" >"$RUN/haproxy-c.log" 2>&1 || { cat "$RUN/haproxy-c.log" >&2; die "haproxy config"; }
+HOME=$RUN XDG_DATA_HOME=$RUN/caddy-data XDG_CONFIG_HOME=$RUN/caddy-data \
+  caddy validate --config "$RUN/Caddyfile" --adapter caddyfile >"$RUN/caddy-validate.log" 2>&1 ||
+  { cat "$RUN/caddy-validate.log" >&2; die "Caddyfile"; }
+
+log "starting upstream and peers, pinned to core $SERVER_CPU"
+start_bg upstream nginx -e stderr -p "$RUN" -c "$RUN/upstream-nginx.conf"
+wait_http upstream "http://127.0.0.1:$PORT_UPSTREAM/" 200
+start_bg nginx nginx -e stderr -p "$RUN" -c "$RUN/nginx-proxy.conf"
+start_bg haproxy haproxy -db -f "$RUN/haproxy.cfg"
+start_bg caddy env GOMAXPROCS=1 HOME="$RUN" XDG_DATA_HOME="$RUN/caddy-data" XDG_CONFIG_HOME="$RUN/caddy-data" \
+  caddy run --config "$RUN/Caddyfile" --adapter caddyfile
+wait_http nginx "https://127.0.0.1:$PORT_NGINX_TLS/" 200
+wait_http haproxy "https://127.0.0.1:$PORT_HAPROXY_TLS/" 200
+wait_http caddy "https://127.0.0.1:$PORT_CADDY_TLS/" 200
+
+# ------------------------------------------------------------ portcullis --
+HOT_TOKEN=""; SESSION=""
+TOKENS_FILE=$RUN/tokens.txt
+pc_config() {  # pc_config NAME PORT ADMIN_PORT MAX_ENTRIES WITH_REDIS
+  local f=$RUN/$1.toml
+  render "$BENCH_DIR/conf/portcullis.toml" "$f" PC_PORT="$2" PC_ADMIN_PORT="$3" PC_MAX_ENTRIES="$4"
+  if [[ "$5" == 1 ]]; then printf '\n[cache.redis]\nurl = "redis://127.0.0.1:%s/"\n' "$PORT_REDIS" >> "$f"; fi
+  echo "$f"
+}
+pc_start() {  # pc_start NAME PORT ADMIN_PORT MAX_ENTRIES WITH_REDIS
+  local cfg; cfg=$(pc_config "$@")
+  start_bg "$1" "$PC_BIN" --config "$cfg"
+  wait_http "$1" "http://127.0.0.1:$3/readyz" 200
+}
+stub_api() {  # stub_api METHOD PATH [JSON]
+  curl -sS --fail-with-body --max-time 30 -u "$GRAFANA_USER:$GRAFANA_PASS" -X "$1" \
+    -H 'Content-Type: application/json' ${3:+--data "$3"} "http://127.0.0.1:$PORT_STUB$2"
+}
+json_field() { sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\{0,1\}\([^\",}]*\)\"\{0,1\}.*/\1/p" | head -1; }
+mint_tokens() {  # mint_tokens SA_ID COUNT PREFIX > file  (one curl process, keep-alive)
+  local id=$1 n=$2 pfx=$3 cfg=$RUN/mint-$3.curl i
+  : > "$cfg"
+  for ((i = 1; i <= n; i++)); do
+    printf 'url = "http://127.0.0.1:%s/api/serviceaccounts/%s/tokens"\nuser = "%s:%s"\nheader = "Content-Type: application/json"\ndata = "{\\"name\\":\\"%s-%d\\"}"\nwrite-out = "\\n"\n' \
+      "$PORT_STUB" "$id" "$GRAFANA_USER" "$GRAFANA_PASS" "$pfx" "$i" >> "$cfg"
+    ((i == n)) || echo next >> "$cfg"
+  done
+  curl -sS -K "$cfg" | grep -o '"key"[[:space:]]*:[[:space:]]*"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/'
+}
+
+if [[ "$PEERS_ONLY" != 1 ]]; then
+  log "starting redis (own instance, :$PORT_REDIS) and the Grafana stand-in, pinned to core $SERVER_CPU"
+  start_bg redis redis-server --bind 127.0.0.1 --port "$PORT_REDIS" --save "" --appendonly no \
+    --daemonize no --dir "$RUN" --protected-mode yes
+  start_bg stub "$STUB_BIN" --listen "127.0.0.1:$PORT_STUB" --flavor grafana11
+  for ((i = 0; i < 100; i++)); do redis-cli -p "$PORT_REDIS" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  wait_http stub "http://127.0.0.1:$PORT_STUB/api/health"
+
+  log "minting credentials through the stand-in's API"
+  SA_ID=$(stub_api POST /api/serviceaccounts '{"name":"bench-hot","role":"Viewer"}' | json_field id)
+  [[ -n "$SA_ID" ]] || die "could not create a service account"
+  HOT_TOKEN=$(mint_tokens "$SA_ID" 1 hot)
+  [[ "$HOT_TOKEN" == glsa_* ]] || die "could not mint a token (got '$HOT_TOKEN')"
+  SA2_ID=$(stub_api POST /api/serviceaccounts '{"name":"bench-many","role":"Viewer"}' | json_field id)
+  t0=$(date +%s)
+  mint_tokens "$SA2_ID" "$TOKENS" many > "$TOKENS_FILE"
+  got=$(wc -l < "$TOKENS_FILE")
+  ((got == TOKENS)) || die "minted $got of $TOKENS tokens"
+  log "minted $got distinct tokens in $(( $(date +%s) - t0 ))s"
+  SESSION=$(curl -sS -D - -o /dev/null -H 'Content-Type: application/json' \
+      --data "{\"user\":\"$GRAFANA_USER\",\"password\":\"$GRAFANA_PASS\"}" "http://127.0.0.1:$PORT_STUB/login" |
+    tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: grafana_session=\([^;]*\).*/\1/p' | head -1)
+  [[ -n "$SESSION" ]] || die "login did not set grafana_session"
+
+  log "starting Portcullis (1 worker) for the cache-hit cases"
+  pc_start pc "$PORT_PC" "$PORT_PC_ADMIN" 100000 0
+
+  log "filling L2: gateway A (with redis) verifies each of the $TOKENS tokens once"
+  pc_start pc-l2a "$PORT_PC_L2A" "$PORT_PC_L2A_ADMIN" 100000 1
+  taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d600s --timeout "$WRK_TIMEOUT" -s "$BENCH_DIR/lua/tokens.lua" \
+    "https://127.0.0.1:$PORT_PC_L2A/" -- "$TOKENS_FILE" "Bearer " 0 once > "$RAW/l2-fill.txt" 2>&1
+  grep -q 'Non-2xx' "$RAW/l2-fill.txt" && die "L2 fill saw non-2xx responses: $RAW/l2-fill.txt"
+  L2_KEYS=$(redis-cli -p "$PORT_REDIS" dbsize)
+  log "L2 filled: redis holds $L2_KEYS keys"
+  note_rss portcullis-l2-fill "$(vmhwm_kib "${PID_OF[pc-l2a]}")"
+  stop_name pc-l2a
+fi
+
+# ----------------------------------------------------------------- cases --
+ALL_CASES=(upstream-direct nginx-tls nginx-basic-sha nginx-basic-bcrypt haproxy-tls haproxy-bearer
+           caddy-tls caddy-basic-bcrypt)
+[[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer portcullis-basic portcullis-cookie
+                                          portcullis-cold portcullis-l2)
+CASES=()
+for c in "${ALL_CASES[@]}"; do
+  if [[ -z "$ONLY" || "$c" == nginx-tls || "$c" =~ $ONLY ]]; then CASES+=("$c"); fi
+done
+
+describe() {
+  case $1 in
+    upstream-direct) echo "upstream nginx direct, plain HTTP (reference, no proxy)" ;;
+    nginx-tls) echo "nginx TLS proxy, no auth (baseline)" ;;
+    nginx-basic-sha) echo "nginx auth_basic, {SHA} htpasswd" ;;
+    nginx-basic-bcrypt) echo "nginx auth_basic, bcrypt htpasswd" ;;
+    haproxy-tls) echo "HAProxy TLS proxy, no auth" ;;
+    haproxy-bearer) echo "HAProxy TLS + Bearer ACL" ;;
+    caddy-tls) echo "Caddy reverse_proxy, no auth" ;;
+    caddy-basic-bcrypt) echo "Caddy basicauth bcrypt (cached)" ;;
+    portcullis-bearer) echo "Portcullis Bearer glsa_, cache hit" ;;
+    portcullis-basic) echo "Portcullis Basic user:password, cache hit" ;;
+    portcullis-cookie) echo "Portcullis session cookie, cache hit" ;;
+    portcullis-cold) echo "Portcullis cold: distinct tokens, each verified once" ;;
+    portcullis-l2) echo "Portcullis L2 (Redis) hits" ;;
+  esac
+}
+# case_target NAME: sets URL, HDR (curl/wrk header args) and SCRIPT (wrk script args)
+case_target() {
+  HDR=(); SCRIPT=()
+  case $1 in
+    upstream-direct) URL=http://127.0.0.1:$PORT_UPSTREAM/ ;;
+    nginx-tls) URL=https://127.0.0.1:$PORT_NGINX_TLS/ ;;
+    nginx-basic-sha) URL=https://127.0.0.1:$PORT_NGINX_SHA/; HDR=(-H "Authorization: Basic $BASIC_PEER_B64") ;;
+    nginx-basic-bcrypt) URL=https://127.0.0.1:$PORT_NGINX_BCRYPT/; HDR=(-H "Authorization: Basic $BASIC_PEER_B64") ;;
+    haproxy-tls) URL=https://127.0.0.1:$PORT_HAPROXY_TLS/ ;;
+    haproxy-bearer) URL=https://127.0.0.1:$PORT_HAPROXY_BEARER/; HDR=(-H "Authorization: Bearer $HAPROXY_TOKEN") ;;
+    caddy-tls) URL=https://127.0.0.1:$PORT_CADDY_TLS/ ;;
+    caddy-basic-bcrypt) URL=https://127.0.0.1:$PORT_CADDY_BASIC/; HDR=(-H "Authorization: Basic $BASIC_PEER_B64") ;;
+    portcullis-bearer) URL=https://127.0.0.1:$PORT_PC/; HDR=(-H "Authorization: Bearer $HOT_TOKEN") ;;
+    portcullis-basic) URL=https://127.0.0.1:$PORT_PC/; HDR=(-H "Authorization: Basic $BASIC_GRAFANA_B64") ;;
+    portcullis-cookie) URL=https://127.0.0.1:$PORT_PC/; HDR=(-H "Cookie: grafana_session=$SESSION") ;;
+    portcullis-cold) URL=https://127.0.0.1:$PORT_PC_COLD/; SCRIPT=(-s "$BENCH_DIR/lua/tokens.lua") ;;
+    portcullis-l2) URL=https://127.0.0.1:$PORT_PC_L2B/; SCRIPT=(-s "$BENCH_DIR/lua/tokens.lua") ;;
+    *) die "unknown case $1" ;;
+  esac
+}
+case_needs_auth() { [[ "$1" != upstream-direct && "$1" != *-tls ]]; }
+case_process() {  # which long-lived process serves the case (for peak RSS)
+  case $1 in
+    upstream-direct) echo upstream ;; nginx-*) echo nginx ;; haproxy-*) echo haproxy ;;
+    caddy-*) echo caddy ;; portcullis-cold|portcullis-l2) echo "" ;; portcullis-*) echo pc ;;
+  esac
+}
+
+# The HAProxy ACL list holds the same kind of token the gateway checks.
+HAPROXY_TOKEN=${HOT_TOKEN:-glsa_$(openssl rand -hex 16)_00000000}
+{ [[ -s "$TOKENS_FILE" ]] && cat "$TOKENS_FILE"; echo "$HAPROXY_TOKEN"; } > "$RUN/haproxy-tokens.lst"
+chmod 644 "$RUN/haproxy-tokens.lst"
+# haproxy reads the list at start: restart it now that the list is final
+stop_name haproxy
+start_bg haproxy haproxy -db -f "$RUN/haproxy.cfg"
+wait_http haproxy "https://127.0.0.1:$PORT_HAPROXY_TLS/" 200
+
+# Fresh-process cases: a new gateway for every run.
+pre_run() {  # pre_run CASE
+  case $1 in
+    portcullis-cold) pc_start pc-cold "$PORT_PC_COLD" "$PORT_PC_COLD_ADMIN" 100000 0 ;;
+    portcullis-l2)
+      pc_start pc-l2b "$PORT_PC_L2B" "$PORT_PC_L2B_ADMIN" "$L2_L1_ENTRIES" 1
+      REDIS_HITS0=$(redis_stat keyspace_hits) ;;
+  esac
+}
+post_run() {  # post_run CASE REQUESTS -> prints a note
+  case $1 in
+    portcullis-cold)
+      note_rss portcullis-cold "$(vmhwm_kib "${PID_OF[pc-cold]}")"; stop_name pc-cold
+      if (($2 > TOKENS)); then echo "WRAPPED:$2>$TOKENS"; else echo "distinct=$2"; fi ;;
+    portcullis-l2)
+      local hits; hits=$(( $(redis_stat keyspace_hits) - REDIS_HITS0 ))
+      note_rss portcullis-l2 "$(vmhwm_kib "${PID_OF[pc-l2b]}")"; stop_name pc-l2b
+      echo "l2hits=$hits" ;;
+    *) echo "" ;;
+  esac
+}
+redis_stat() { redis-cli -p "$PORT_REDIS" info stats | tr -d '\r' | awk -F: -v k="$1" '$1 == k {print $2}'; }
+
+parse_wrk() {  # -> rps p50_ms p99_ms requests non2xx sock_errors
+  awk '
+    function ms(v,   n, u) { n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+      if (u == "us") return n / 1000; if (u == "ms") return n; if (u == "s") return n * 1000
+      if (u == "m") return n * 60000; if (u == "h") return n * 3600000; return n }
+    /Requests\/sec:/ { rps = $2 }
+    /^ +50%/ { p50 = ms($2) }
+    /^ +99%/ { p99 = ms($2) }
+    / requests in / { req = $1 }
+    /Non-2xx or 3xx responses:/ { n2 = $NF }
+    /Socket errors:/ { gsub(",", ""); err = $4 + $6 + $8 + $10 }
+    END { printf "%s %.3f %.3f %d %d %d\n", (rps == "" ? 0 : rps), p50, p99, req, n2, err }' "$1"
+}
+
+run_wrk() {  # run_wrk CASE C DURATION OUTFILE
+  local name=$1 c=$2 d=$3 out=$4
+  case_target "$name"
+  local sargs=()
+  case $name in
+    portcullis-cold) sargs=(-- "$TOKENS_FILE" "Bearer " "$(( (RUN_SEQ * 997) % TOKENS ))" once) ;;
+    portcullis-l2) sargs=(-- "$TOKENS_FILE" "Bearer " "$(( (RUN_SEQ * 997) % TOKENS ))") ;;
+  esac
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$c" -d"$d" --timeout "$WRK_TIMEOUT" --latency \
+    "${HDR[@]}" "${SCRIPT[@]}" "$URL" "${sargs[@]}" > "$out" 2>&1 || true
+}
+
+# Sanity: every case answers 200 with its credential, and 401 without it.
+log "sanity checks (200 with the credential, 401 without)"
+SANITY_FAILED=()
+for name in "${CASES[@]}"; do
+  case_target "$name"
+  [[ "$name" == portcullis-cold || "$name" == portcullis-l2 ]] && continue
+  code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 "${HDR[@]}" "$URL" || true)
+  [[ "$code" == 200 ]] || { log "  $name: expected 200 with credential, got $code"; SANITY_FAILED+=("$name"); }
+  if case_needs_auth "$name"; then
+    code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 "$URL" || true)
+    [[ "$code" == 401 ]] || { log "  $name: expected 401 without credential, got $code"; SANITY_FAILED+=("$name"); }
+  fi
+done
+if [[ " ${CASES[*]} " == *" portcullis-cold "* ]]; then
+  pc_start pc-cold "$PORT_PC_COLD" "$PORT_PC_COLD_ADMIN" 100000 0
+  code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 -H "Authorization: Bearer glsa_$(openssl rand -hex 16)_deadbeef" "https://127.0.0.1:$PORT_PC_COLD/" || true)
+  [[ "$code" == 401 ]] || { log "  portcullis-cold: unknown token gave $code, expected 401"; SANITY_FAILED+=(portcullis-cold); }
+  code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 -H "Authorization: Bearer $HOT_TOKEN" "https://127.0.0.1:$PORT_PC_COLD/" || true)
+  [[ "$code" == 200 ]] || { log "  portcullis-cold: valid token gave $code, expected 200"; SANITY_FAILED+=(portcullis-cold); }
+  stop_name pc-cold
+fi
+((${#SANITY_FAILED[@]} == 0)) || die "sanity checks failed: ${SANITY_FAILED[*]}"
+
+# TLS actually negotiated by each endpoint (same cert; recorded, not enforced)
+{
+  for name in "${CASES[@]}"; do
+    case_target "$name"; [[ "$URL" == https://* ]] || continue
+    port=${URL##*:}; port=${port%/}
+    [[ "$name" == portcullis-cold || "$name" == portcullis-l2 ]] && continue
+    printf '%-20s %s\n' "$name" "$(openssl s_client -connect "127.0.0.1:$port" -servername localhost </dev/null 2>/dev/null |
+      grep -E '^(New|    Protocol|    Cipher)' | tr -s ' \n' ' ')"
+  done
+} > "$OUT/tls.txt"
+
+{
+  echo "date: $(date -Is)"; echo "kernel: $(uname -r)"; echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
+  echo "cores: $ncpu (servers on $SERVER_CPU, load generator on $CLIENT_CPU)"
+  echo "duration: $DURATION  reps: $REPS  conns: $CONNS  warmup: $WARMUP  tokens: $TOKENS"
+  echo "nginx: $(nginx -v 2>&1)"; echo "haproxy: $(haproxy -v | head -1)"; echo "caddy: $(caddy version)"
+  echo "wrk: $(wrk -v 2>&1 | head -1)"
+  [[ "$PEERS_ONLY" == 1 ]] || echo "portcullis: $PC_BIN ($(stat -c %y "$PC_BIN"))"
+} > "$OUT/meta.txt"
+
+# Warm-up: once per long-lived case (Caddy's bcrypt cache, the gateway's L1, TLS session caches).
+log "warm-up ($WARMUP per case)"
+for name in "${CASES[@]}"; do
+  [[ "$name" == portcullis-cold || "$name" == portcullis-l2 ]] && continue
+  run_wrk "$name" 64 "$WARMUP" "$RAW/warmup-$name.txt"
+done
+
+# ------------------------------------------------------------ measurement --
+total=$(( REPS * $(wc -w <<< "$CONNS") * ${#CASES[@]} ))
+log "measuring: ${#CASES[@]} cases x c=[$CONNS] x $REPS reps, $DURATION each ($total runs, interleaved)"
+RUN_SEQ=0
+for ((rep = 1; rep <= REPS; rep++)); do
+  for c in $CONNS; do
+    for name in "${CASES[@]}"; do
+      RUN_SEQ=$((RUN_SEQ + 1))
+      out=$RAW/$name.c$c.r$rep.txt
+      pre_run "$name"
+      run_wrk "$name" "$c" "$DURATION" "$out"
+      read -r rps p50 p99 req n2 err < <(parse_wrk "$out")
+      note=$(post_run "$name" "$req")
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "$note" >> "$RESULTS"
+      log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms${n2:+ non2xx=$n2}${note:+ $note}"
+      sleep 0.5
+    done
+  done
+done
+
+# Peak RSS of the long-lived processes, read before they stop.
+for name in "${CASES[@]}"; do
+  p=$(case_process "$name"); [[ -n "$p" && -n "${PID_OF[$p]:-}" ]] || continue
+  pid=${PID_OF[$p]}; [[ "$p" == nginx || "$p" == upstream ]] && pid=$(nginx_worker "$pid")
+  note_rss "$name" "$(vmhwm_kib "$pid")"
+done
+
+# ---------------------------------------------------------------- summary --
+median() { sort -g | awk '{a[NR] = $1} END { if (NR == 0) { print 0; exit } if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+col() { awk -F'\t' -v n="$1" -v c="$2" -v k="$3" 'NR > 1 && $1 == n && $2 == c {print $k}' "$RESULTS"; }
+fmt_rps() { awk -v r="$1" 'BEGIN { if (r >= 1000) printf "%.1fk", r / 1000; else printf "%.0f", r }'; }
+fmt_ms() { awk -v m="$1" 'BEGIN { if (m >= 100) printf "%.0f", m; else if (m >= 10) printf "%.1f", m; else printf "%.2f", m }'; }
+
+TABLE=$OUT/table.md
+{
+  echo "Portcullis benchmark — $(date '+%Y-%m-%d %H:%M'), $DURATION runs, $REPS reps interleaved, servers on core $SERVER_CPU, wrk -t1 on core $CLIENT_CPU, HTTP/1.1 keep-alive"
+  echo
+  echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS | peak RSS | notes |"
+  echo "|---|---:|---|---:|---:|---:|---:|---|"
+  for c in $CONNS; do
+    base=$(col nginx-tls "$c" 4 | median)
+    for name in "${CASES[@]}"; do
+      rps=$(col "$name" "$c" 4 | median); mn=$(col "$name" "$c" 4 | sort -g | head -1); mx=$(col "$name" "$c" 4 | sort -g | tail -1)
+      p50=$(col "$name" "$c" 5 | median); p99=$(col "$name" "$c" 6 | median)
+      ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+      rss=${RSS_KIB[$name]:-0}; rss=$(awk -v k="$rss" 'BEGIN { if (k > 0) printf "%.1f MiB", k / 1024; else print "-" }')
+      notes=()
+      bad=$(col "$name" "$c" 8 | awk '{s += $1} END {print s + 0}'); ((bad == 0)) || notes+=("$bad non-2xx!")
+      errs=$(col "$name" "$c" 9 | awk '{s += $1} END {print s + 0}'); ((errs == 0)) || notes+=("$errs socket errors")
+      case $name in
+        portcullis-cold)
+          col "$name" "$c" 10 | grep -q WRAPPED && notes+=("token list WRAPPED: raise BENCH_TOKENS")
+          notes+=("$(col "$name" "$c" 7 | median | cut -d. -f1) distinct tokens/run, fresh gateway") ;;
+        portcullis-l2)
+          hits=$(col "$name" "$c" 10 | sed 's/l2hits=//' | awk '{s += $1} END {print s + 0}')
+          reqs=$(col "$name" "$c" 7 | awk '{s += $1} END {print s + 0}')
+          notes+=("$(awk -v h="$hits" -v r="$reqs" 'BEGIN { if (r > 0) printf "%.0f%%", 100 * h / r; else print "?" }') of requests were Redis hits, L1=$L2_L1_ENTRIES, fresh gateway") ;;
+        portcullis-bearer|portcullis-basic|portcullis-cookie) notes+=("one gateway process") ;;
+      esac
+      n=$(IFS='; '; echo "${notes[*]:-}")
+      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $(fmt_ms "$p50") | $(fmt_ms "$p99") | $ratio | $rss | $n |"
+    done
+  done
+  echo
+  echo "Ratios are medians of this run only, against nginx's plain TLS proxy at the same c. Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
+} > "$TABLE"
+echo
+cat "$TABLE"
+echo
+log "raw wrk output: $RAW; per-run results: $RESULTS; TLS parameters: $OUT/tls.txt"

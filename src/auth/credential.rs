@@ -1,0 +1,360 @@
+//! The credential a request carries, read from its headers exactly as Grafana
+//! and PMM read them (see GRAFANA.md). Nothing here logs or prints a secret:
+//! `Debug` is written by hand for that reason.
+
+use std::fmt;
+
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
+use http::header::{AUTHORIZATION, COOKIE};
+use http::{HeaderMap, HeaderValue};
+use serde::Deserialize;
+
+/// Go's `base64.StdEncoding` as Grafana uses it: padding required, and
+/// non-zero trailing bits accepted (a seed key relies on that).
+const GO_STD_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::RequireCanonical),
+);
+
+/// Lenient reading of Basic credentials: some clients drop the padding.
+const BASIC_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Longest credential header value looked at; anything longer is refused
+/// before decoding.
+const MAX_CREDENTIAL_LEN: usize = 8 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    /// Malformed request framing: answered 400.
+    #[error("more than one Authorization header")]
+    DuplicateAuthorization,
+    #[error("Authorization header is not visible ASCII")]
+    NotAscii,
+    /// Well-framed but unusable credentials: answered 401.
+    #[error("unsupported authorization scheme")]
+    UnsupportedScheme,
+    #[error("Invalid Basic Auth Header")]
+    InvalidBasic,
+    #[error("Invalid API key")]
+    InvalidApiKey,
+    #[error("credential too long")]
+    TooLong,
+}
+
+impl CredentialError {
+    /// 400 for a request that is malformed as HTTP, 401 for a bad credential.
+    pub fn is_bad_request(&self) -> bool {
+        matches!(self, CredentialError::DuplicateAuthorization | CredentialError::NotAscii)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialKind {
+    Password,
+    ApiKey,
+    ServiceToken,
+    Session,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// `Basic user:password`.
+    Password { user: String, password: String },
+    /// A legacy key (`eyJrIjoi…`), from Bearer or `Basic api_key:KEY`.
+    ApiKey { key: String, name: String, org_id: i64 },
+    /// A `glsa_` token, from Bearer, `Basic api_key:…` or `Basic service_token:…`.
+    ServiceToken { token: String, from_service_token_basic: bool },
+    /// The browser session cookie's value.
+    Session { token: String },
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::Password { user, .. } => write!(f, "Password({user:?}, <redacted>)"),
+            Credential::ApiKey { name, org_id, .. } => write!(f, "ApiKey({name:?}, org {org_id}, <redacted>)"),
+            Credential::ServiceToken { .. } => f.write_str("ServiceToken(<redacted>)"),
+            Credential::Session { .. } => f.write_str("Session(<redacted>)"),
+        }
+    }
+}
+
+impl Credential {
+    /// Reads the request's credential: `Authorization` first (as Grafana's
+    /// client order does), then the session cookie. `Ok(None)` when there is none.
+    pub fn from_headers(headers: &HeaderMap, session_cookie: &str) -> Result<Option<Credential>, CredentialError> {
+        let mut auth = headers.get_all(AUTHORIZATION).iter();
+        if let Some(value) = auth.next() {
+            if auth.next().is_some() {
+                return Err(CredentialError::DuplicateAuthorization);
+            }
+            return Self::from_authorization(value).map(Some);
+        }
+        Ok(session_from_cookies(headers, session_cookie).map(|token| Credential::Session { token }))
+    }
+
+    pub fn from_authorization(value: &HeaderValue) -> Result<Credential, CredentialError> {
+        if value.len() > MAX_CREDENTIAL_LEN {
+            return Err(CredentialError::TooLong);
+        }
+        let text = value.to_str().map_err(|_| CredentialError::NotAscii)?.trim();
+        let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
+        let rest = rest.trim_start();
+        if scheme.eq_ignore_ascii_case("basic") {
+            parse_basic(rest)
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            parse_token(rest, false)
+        } else {
+            Err(CredentialError::UnsupportedScheme)
+        }
+    }
+
+    pub fn kind(&self) -> CredentialKind {
+        match self {
+            Credential::Password { .. } => CredentialKind::Password,
+            Credential::ApiKey { .. } => CredentialKind::ApiKey,
+            Credential::ServiceToken { .. } => CredentialKind::ServiceToken,
+            Credential::Session { .. } => CredentialKind::Session,
+        }
+    }
+
+    /// The bytes that identify this credential for the cache key. Two spellings
+    /// of one credential (Bearer or Basic `api_key:`) give the same bytes.
+    pub fn cache_material(&self) -> [&[u8]; 3] {
+        match self {
+            Credential::Password { user, password } => [b"p", user.as_bytes(), password.as_bytes()],
+            Credential::ApiKey { key, .. } => [b"k", key.as_bytes(), b""],
+            Credential::ServiceToken { token, .. } => [b"t", token.as_bytes(), b""],
+            Credential::Session { token } => [b"s", token.as_bytes(), b""],
+        }
+    }
+
+    /// The `Authorization` value that presents this credential to Grafana, or
+    /// `None` for a session (sent as a cookie).
+    pub fn grafana_authorization(&self) -> Option<HeaderValue> {
+        let value = match self {
+            Credential::Password { user, password } => {
+                let mut plain = String::with_capacity(user.len() + password.len() + 1);
+                plain.push_str(user);
+                plain.push(':');
+                plain.push_str(password);
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(plain))
+            }
+            Credential::ApiKey { key, .. } => format!("Bearer {key}"),
+            Credential::ServiceToken { token, .. } => format!("Bearer {token}"),
+            Credential::Session { .. } => return None,
+        };
+        let mut value = HeaderValue::from_str(&value).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
+    /// When forwarding upstream, the client's `Authorization` must be replaced:
+    /// Grafana does not take `Basic service_token:…`, so it becomes Bearer.
+    pub fn forwarded_authorization(&self) -> Option<HeaderValue> {
+        match self {
+            Credential::ServiceToken {
+                from_service_token_basic: true,
+                ..
+            } => self.grafana_authorization(),
+            _ => None,
+        }
+    }
+}
+
+fn parse_basic(encoded: &str) -> Result<Credential, CredentialError> {
+    let decoded = BASIC_BASE64
+        .decode(encoded.trim())
+        .map_err(|_| CredentialError::InvalidBasic)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| CredentialError::InvalidBasic)?;
+    let (user, password) = decoded.split_once(':').ok_or(CredentialError::InvalidBasic)?;
+    if user.is_empty() {
+        return Err(CredentialError::InvalidBasic);
+    }
+    match user {
+        "api_key" => parse_token(password, false),
+        // PMM's form; Grafana would treat it as a login of a user called
+        // "service_token" and count failures against that user.
+        "service_token" => parse_token(password, true),
+        _ => Ok(Credential::Password {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        }),
+    }
+}
+
+/// A Bearer-style token: `glsa_…` or a legacy key, checked locally so that
+/// garbage never costs an upstream call.
+fn parse_token(token: &str, from_service_token_basic: bool) -> Result<Credential, CredentialError> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(CredentialError::InvalidApiKey);
+    }
+    if token.starts_with("glsa_") {
+        if !service_token_is_well_formed(token) {
+            return Err(CredentialError::InvalidApiKey);
+        }
+        return Ok(Credential::ServiceToken {
+            token: token.to_owned(),
+            from_service_token_basic,
+        });
+    }
+    let legacy = decode_legacy_key(token).ok_or(CredentialError::InvalidApiKey)?;
+    Ok(Credential::ApiKey {
+        key: token.to_owned(),
+        name: legacy.n,
+        org_id: legacy.id,
+    })
+}
+
+/// `glsa_<32 alphanumerics>_<crc32-ieee("glsa_"+secret) as 4 LE bytes, hex>`.
+pub fn service_token_is_well_formed(token: &str) -> bool {
+    let mut parts = token.split('_');
+    let (Some("glsa"), Some(secret), Some(checksum), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    if secret.len() != 32 || !secret.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return false;
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(b"glsa_");
+    hasher.update(secret.as_bytes());
+    let expected = hex::encode(hasher.finalize().to_le_bytes());
+    checksum.len() == 8 && checksum.eq_ignore_ascii_case(&expected)
+}
+
+#[derive(Deserialize)]
+struct LegacyKey {
+    k: String,
+    n: String,
+    id: i64,
+}
+
+/// Decodes a legacy key as Grafana's Go code does: strict-padding base64 with
+/// lenient trailing bits, then JSON where invalid UTF-8 becomes U+FFFD (the PMM
+/// documentation's example key has such a byte).
+fn decode_legacy_key(token: &str) -> Option<LegacyKey> {
+    let bytes = GO_STD_BASE64.decode(token).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let key: LegacyKey = serde_json::from_str(&text).ok()?;
+    (!key.k.is_empty() && !key.n.is_empty()).then_some(key)
+}
+
+/// Finds the session cookie in every `Cookie` header (HTTP/2 may split them).
+fn session_from_cookies(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+        .filter(|v| !v.is_empty() && v.len() <= 1024)
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(value: &str) -> Result<Credential, CredentialError> {
+        Credential::from_authorization(&HeaderValue::from_str(value).unwrap())
+    }
+
+    const SEED_PMM_KEY: &str = "eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=";
+    const SEED_GRAFANA_KEY: &str = "eyJrIjoiWHZiSWd3NzdCYUZnNUtibE9obUpESmE3bzJYNDRIc0UiLCJuIjoibXlrZXkiLCJpZCI6MX1=";
+
+    #[test]
+    fn grafana_checksum_vector() {
+        assert!(service_token_is_well_formed("glsa_iNValIdinValiDinvalidinvalidinva_5b582697"));
+        assert!(!service_token_is_well_formed("glsa_iNValIdinValiDinvalidinvalidinva_5b582698"));
+        assert!(!service_token_is_well_formed("glsa_iNValIdinValiDinvalidinvalidinva_5b582697_x"));
+        assert!(!service_token_is_well_formed("glsa_short_5b582697"));
+    }
+
+    #[test]
+    fn seed_keys_decode_go_style() {
+        match auth(&format!("Bearer {SEED_PMM_KEY}")).unwrap() {
+            Credential::ApiKey { name, org_id, .. } => assert_eq!((name.as_str(), org_id), ("pmm-test", 1)),
+            other => panic!("{other:?}"),
+        }
+        match auth(&format!("bearer {SEED_GRAFANA_KEY}")).unwrap() {
+            Credential::ApiKey { name, .. } => assert_eq!(name, "mykey"),
+            other => panic!("{other:?}"),
+        }
+        // The truncated key of Grafana's docs cannot be a key.
+        assert_eq!(
+            auth("Bearer eyJrIjoiT0tTcG1pUlY2RnVKZTFVaDFsNFZXdE9ZWmNrMkZYbk"),
+            Err(CredentialError::InvalidApiKey)
+        );
+    }
+
+    #[test]
+    fn basic_forms() {
+        assert_eq!(
+            auth("Basic YWRtaW46YWRtaW4=").unwrap(),
+            Credential::Password {
+                user: "admin".into(),
+                password: "admin".into()
+            }
+        );
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("api_key:{SEED_PMM_KEY}"));
+        assert_eq!(auth(&format!("BASIC {b}")).unwrap().kind(), CredentialKind::ApiKey);
+        let token = "glsa_iNValIdinValiDinvalidinvalidinva_5b582697";
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("service_token:{token}"));
+        let c = auth(&format!("Basic {b}")).unwrap();
+        assert_eq!(
+            c.forwarded_authorization().unwrap(),
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap()
+        );
+        assert_eq!(auth("Basic !!!"), Err(CredentialError::InvalidBasic));
+        assert_eq!(auth("Basic YWRtaW4="), Err(CredentialError::InvalidBasic)); // no colon
+        assert_eq!(auth("Basic /w=="), Err(CredentialError::InvalidBasic)); // not UTF-8
+        assert_eq!(auth("Digest x"), Err(CredentialError::UnsupportedScheme));
+        assert_eq!(auth("Bearer "), Err(CredentialError::InvalidApiKey));
+    }
+
+    #[test]
+    fn one_credential_two_spellings_one_cache_material() {
+        let token = "glsa_iNValIdinValiDinvalidinvalidinva_5b582697";
+        let bearer = auth(&format!("Bearer {token}")).unwrap();
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("service_token:{token}"));
+        let basic = auth(&format!("Basic {b}")).unwrap();
+        assert_eq!(bearer.cache_material(), basic.cache_material());
+    }
+
+    #[test]
+    fn headers_and_cookies() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("a=b; grafana_session=0123456789abcdef0123456789abcdef"));
+        assert_eq!(
+            Credential::from_headers(&h, "grafana_session").unwrap().unwrap().kind(),
+            CredentialKind::Session
+        );
+        assert_eq!(Credential::from_headers(&h, "pmm_session").unwrap(), None);
+        h.append(AUTHORIZATION, HeaderValue::from_static("Basic YWRtaW46YWRtaW4="));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Basic YWRtaW46YWRtaW4="));
+        assert_eq!(
+            Credential::from_headers(&h, "grafana_session"),
+            Err(CredentialError::DuplicateAuthorization)
+        );
+    }
+
+    #[test]
+    fn debug_never_prints_secrets() {
+        let c = auth("Basic YWRtaW46aHVudGVyMg==").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,416 @@
+//! Grafana as the judge: asks the upstream Grafana who a credential belongs to,
+//! using only the header that carries it (GRAFANA.md, "Asking Grafana").
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, COOKIE};
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::{AuthMethod, Credential, DenyReason, Identity, Principal, PrincipalKind, Role, Verdict, VerifyError};
+use crate::config::{Config, GrafanaFlavor};
+use crate::upstream::{self, Connector};
+
+/// Largest identity answer read from Grafana.
+const MAX_ANSWER_BYTES: usize = 256 * 1024;
+
+const FLAVOR_UNKNOWN: u8 = 0;
+const FLAVOR_PMM: u8 = 1;
+const FLAVOR_VANILLA: u8 = 2;
+
+pub struct GrafanaVerifier {
+    client: Client<Connector, Empty<Bytes>>,
+    base: String,
+    timeout: Duration,
+    /// What the upstream turned out to be (auto-detected once).
+    flavor: AtomicU8,
+    admin_authorization: Option<HeaderValue>,
+    default_role: Role,
+    session_cookie: String,
+    warned_default_role: AtomicBool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GrafanaUser {
+    id: i64,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    name: String,
+    login: String,
+    org_id: i64,
+    #[serde(default)]
+    is_grafana_admin: bool,
+    #[serde(default)]
+    is_disabled: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UserOrg {
+    org_id: i64,
+    role: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceAccount {
+    id: i64,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    login: String,
+    #[serde(default)]
+    org_id: i64,
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    is_disabled: bool,
+}
+
+#[derive(Deserialize)]
+struct Org {
+    id: i64,
+}
+
+/// Grafana's answer to one identity call.
+enum Answer<T> {
+    Ok(T),
+    Refused,
+    NotFound,
+    /// 403 on an endpoint the token may not use (vanilla: users only).
+    Forbidden,
+}
+
+impl GrafanaVerifier {
+    pub fn from_config(config: &Config) -> Result<GrafanaVerifier, crate::Error> {
+        let mut upstream = config.upstream.clone();
+        upstream.connect_timeout = upstream.connect_timeout.min(config.auth.grafana.timeout);
+        let connector = upstream::connector(&upstream)?;
+        let admin_authorization = match &config.auth.grafana.admin_token_file {
+            Some(path) => {
+                let token = std::fs::read_to_string(path).map_err(|e| crate::config::ConfigError::Key {
+                    key: "auth.grafana.admin_token_file".into(),
+                    reason: format!("cannot read {}: {e}", path.display()),
+                })?;
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
+                    crate::config::ConfigError::Key {
+                        key: "auth.grafana.admin_token_file".into(),
+                        reason: "does not hold a token".into(),
+                    }
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        let flavor = match config.auth.grafana.flavor {
+            GrafanaFlavor::Auto => FLAVOR_UNKNOWN,
+            GrafanaFlavor::Pmm => FLAVOR_PMM,
+            GrafanaFlavor::Vanilla => FLAVOR_VANILLA,
+        };
+        Ok(GrafanaVerifier {
+            client: upstream::client(&upstream, connector),
+            base: config.grafana_url().trim_end_matches('/').to_owned(),
+            timeout: config.auth.grafana.timeout,
+            flavor: AtomicU8::new(flavor),
+            admin_authorization,
+            default_role: config.auth.grafana.token_default_role,
+            session_cookie: config.auth.session_cookie.clone(),
+            warned_default_role: AtomicBool::new(false),
+        })
+    }
+
+    pub async fn verify(&self, credential: &Credential) -> Result<Verdict, VerifyError> {
+        match tokio::time::timeout(self.timeout, self.ask(credential)).await {
+            Ok(result) => result,
+            Err(_) => Err(VerifyError::Timeout),
+        }
+    }
+
+    async fn ask(&self, credential: &Credential) -> Result<Verdict, VerifyError> {
+        let presented = match credential.grafana_authorization() {
+            Some(auth) => (AUTHORIZATION, auth),
+            None => {
+                let Credential::Session { token } = credential else {
+                    return Ok(Verdict::Denied(DenyReason::Invalid));
+                };
+                let mut cookie = HeaderValue::from_str(&format!("{}={token}", self.session_cookie))
+                    .map_err(|_| VerifyError::Unreachable("session cookie not representable".into()))?;
+                cookie.set_sensitive(true);
+                (COOKIE, cookie)
+            }
+        };
+        let method = match credential {
+            Credential::Password { .. } => AuthMethod::Password,
+            Credential::Session { .. } => AuthMethod::Session,
+            Credential::ApiKey { .. } => AuthMethod::ApiKey,
+            Credential::ServiceToken { .. } => AuthMethod::ServiceToken,
+        };
+        match method {
+            AuthMethod::Password | AuthMethod::Session => self.user_identity(&presented, method).await,
+            AuthMethod::ApiKey | AuthMethod::ServiceToken => self.token_identity(&presented, method).await,
+        }
+    }
+
+    /// Users and sessions: `/api/user`, then the role from `/api/user/orgs`.
+    /// Sequential on purpose: a wrong password must count once towards
+    /// Grafana's lock-out, not twice.
+    async fn user_identity(
+        &self,
+        presented: &(http::HeaderName, HeaderValue),
+        method: AuthMethod,
+    ) -> Result<Verdict, VerifyError> {
+        let user: GrafanaUser = match self.get("/api/user", presented).await? {
+            Answer::Ok(u) => u,
+            Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
+            Answer::NotFound => {
+                return Err(VerifyError::Upstream {
+                    status: 404,
+                    path: "/api/user",
+                })
+            }
+        };
+        if user.is_disabled {
+            return Ok(Verdict::Denied(DenyReason::Disabled));
+        }
+        let orgs: Vec<UserOrg> = match self.get("/api/user/orgs", presented).await? {
+            Answer::Ok(o) => o,
+            Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
+            Answer::NotFound => {
+                return Err(VerifyError::Upstream {
+                    status: 404,
+                    path: "/api/user/orgs",
+                })
+            }
+        };
+        let org_role = orgs
+            .iter()
+            .find(|o| o.org_id == user.org_id)
+            .map_or(Role::None, |o| Role::from_grafana(&o.role));
+        Ok(Verdict::Allowed(identity(
+            Principal {
+                kind: PrincipalKind::User,
+                id: user.id,
+            },
+            user.login,
+            user.email,
+            user.name,
+            user.org_id,
+            org_role,
+            user.is_grafana_admin,
+            method,
+        )))
+    }
+
+    /// Tokens and keys: PMM names the service account in one call; vanilla
+    /// Grafana needs `/api/user` (11.x) or `/api/org` (10.4), and an admin
+    /// credential to learn the role.
+    async fn token_identity(
+        &self,
+        presented: &(http::HeaderName, HeaderValue),
+        method: AuthMethod,
+    ) -> Result<Verdict, VerifyError> {
+        if self.flavor.load(Ordering::Relaxed) != FLAVOR_VANILLA {
+            match self.get::<Option<ServiceAccount>>("/api/auth/serviceaccount", presented).await? {
+                Answer::Ok(Some(sa)) => {
+                    if sa.is_disabled {
+                        return Ok(Verdict::Denied(DenyReason::Disabled));
+                    }
+                    self.flavor.store(FLAVOR_PMM, Ordering::Relaxed);
+                    let login = if sa.login.is_empty() { sa.name.clone() } else { sa.login };
+                    return Ok(Verdict::Allowed(identity(
+                        Principal {
+                            kind: PrincipalKind::ServiceAccount,
+                            id: sa.id,
+                        },
+                        login,
+                        String::new(),
+                        sa.name,
+                        sa.org_id,
+                        Role::from_grafana(&sa.role),
+                        false,
+                        method,
+                    )));
+                }
+                // A valid credential that is not a service account (a legacy
+                // key on an older PMM): learn what vanilla Grafana tells.
+                Answer::Ok(None) => {}
+                Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
+                Answer::NotFound => {
+                    if self.flavor.swap(FLAVOR_VANILLA, Ordering::Relaxed) != FLAVOR_VANILLA {
+                        tracing::info!("upstream Grafana has no /api/auth/serviceaccount: using vanilla token checks");
+                    }
+                }
+            }
+        }
+        let (principal, login, name, org_id) = match self.get::<GrafanaUser>("/api/user", presented).await? {
+            // 11.x names the service account behind the token.
+            Answer::Ok(user) => {
+                if user.is_disabled {
+                    return Ok(Verdict::Denied(DenyReason::Disabled));
+                }
+                (
+                    Principal {
+                        kind: PrincipalKind::ServiceAccount,
+                        id: user.id,
+                    },
+                    user.login,
+                    user.name,
+                    user.org_id,
+                )
+            }
+            Answer::Refused => return Ok(Verdict::Denied(DenyReason::Invalid)),
+            // 10.4 refuses tokens there; `/api/org` still proves validity.
+            Answer::Forbidden | Answer::NotFound => match self.get::<Org>("/api/org", presented).await? {
+                Answer::Ok(org) => (
+                    Principal {
+                        kind: if method == AuthMethod::ApiKey {
+                            PrincipalKind::ApiKey
+                        } else {
+                            PrincipalKind::ServiceAccount
+                        },
+                        id: 0,
+                    },
+                    String::from("service-account"),
+                    String::new(),
+                    org.id,
+                ),
+                Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
+                Answer::NotFound => {
+                    return Err(VerifyError::Upstream {
+                        status: 404,
+                        path: "/api/org",
+                    })
+                }
+            },
+        };
+        let role = self.token_role(principal).await?;
+        Ok(Verdict::Allowed(identity(
+            principal, login, String::new(), name, org_id, role, false, method,
+        )))
+    }
+
+    /// The role of a vanilla token: read with the admin credential when there
+    /// is one, else the configured default (said once in the log).
+    async fn token_role(&self, principal: Principal) -> Result<Role, VerifyError> {
+        if let (Some(admin), true) = (&self.admin_authorization, principal.id > 0) {
+            let path = format!("/api/serviceaccounts/{}", principal.id);
+            match self.get_path::<ServiceAccount>(&path, &(AUTHORIZATION, admin.clone())).await? {
+                Answer::Ok(sa) => return Ok(Role::from_grafana(&sa.role)),
+                _ => tracing::warn!(
+                    account = principal.id,
+                    "admin credential could not read the service account's role"
+                ),
+            }
+        }
+        if !self.warned_default_role.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                role = %self.default_role,
+                "token roles cannot be learned from this Grafana; using auth.grafana.token_default_role"
+            );
+        }
+        Ok(self.default_role)
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        path: &'static str,
+        presented: &(http::HeaderName, HeaderValue),
+    ) -> Result<Answer<T>, VerifyError> {
+        self.get_path(path, presented).await.map_err(|e| match e {
+            VerifyError::Upstream { status, .. } => VerifyError::Upstream { status, path },
+            VerifyError::Malformed { reason, .. } => VerifyError::Malformed { path, reason },
+            other => other,
+        })
+    }
+
+    async fn get_path<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        presented: &(http::HeaderName, HeaderValue),
+    ) -> Result<Answer<T>, VerifyError> {
+        let uri: Uri = format!("{}{path}", self.base)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| VerifyError::Unreachable(e.to_string()))?;
+        let request = Request::get(uri)
+            .header(ACCEPT, "application/json")
+            .header(presented.0.clone(), presented.1.clone())
+            .body(Empty::new())
+            .map_err(|e| VerifyError::Unreachable(e.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| VerifyError::Unreachable(error_chain(&e)))?;
+        let status = response.status();
+        match status {
+            StatusCode::UNAUTHORIZED => return Ok(Answer::Refused),
+            StatusCode::FORBIDDEN => return Ok(Answer::Forbidden),
+            StatusCode::NOT_FOUND => return Ok(Answer::NotFound),
+            s if s.is_success() => {}
+            s => {
+                return Err(VerifyError::Upstream {
+                    status: s.as_u16(),
+                    path: "?",
+                })
+            }
+        }
+        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| VerifyError::Unreachable(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&body)
+            .map(Answer::Ok)
+            .map_err(|e| VerifyError::Malformed {
+                path: "?",
+                reason: e.to_string(),
+            })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn identity(
+    principal: Principal,
+    login: String,
+    email: String,
+    name: String,
+    org_id: i64,
+    org_role: Role,
+    grafana_admin: bool,
+    method: AuthMethod,
+) -> Identity {
+    Identity {
+        principal,
+        login,
+        email,
+        name,
+        org_id,
+        org_role,
+        grafana_admin,
+        method,
+        verified_at_ms: 0,
+        expires_at_ms: 0,
+        headers: Default::default(),
+    }
+}
+
+/// The whole cause chain of a client error: hyper's top-level message alone
+/// ("client error (Connect)") does not say what failed.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

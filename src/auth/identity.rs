@@ -1,0 +1,201 @@
+//! What a verified credential says about its holder. This is what the caches
+//! hold (in memory and in Redis): never the secret itself.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderValue;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Access levels, ordered: a route's minimum is met by anything at or above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// No credential needed (on routes); no org access (on identities).
+    None,
+    Viewer,
+    Editor,
+    Admin,
+    /// Grafana server admin (`isGrafanaAdmin`).
+    GrafanaAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::None => "None",
+            Role::Viewer => "Viewer",
+            Role::Editor => "Editor",
+            Role::Admin => "Admin",
+            Role::GrafanaAdmin => "GrafanaAdmin",
+        }
+    }
+
+    /// Grafana's org role names; anything unknown grants nothing.
+    pub fn from_grafana(name: &str) -> Role {
+        Self::parse(name).unwrap_or(Role::None)
+    }
+
+    fn parse(name: &str) -> Option<Role> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "none" | "" => Role::None,
+            "viewer" => Role::Viewer,
+            "editor" => Role::Editor,
+            "admin" => Role::Admin,
+            "grafanaadmin" | "grafana_admin" | "serveradmin" => Role::GrafanaAdmin,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Role {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Role, D::Error> {
+        let text = String::deserialize(d)?;
+        Role::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a role (none, Viewer, Editor, Admin, GrafanaAdmin)"
+            ))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PrincipalKind {
+    User,
+    ServiceAccount,
+    /// A legacy API key whose owner Grafana did not name.
+    ApiKey,
+}
+
+/// Whose credential it is: what a revocation names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Principal {
+    pub kind: PrincipalKind,
+    /// Grafana's id; 0 when Grafana did not tell.
+    pub id: i64,
+}
+
+/// How the request proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AuthMethod {
+    Password,
+    ApiKey,
+    ServiceToken,
+    Session,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Password => "password",
+            AuthMethod::ApiKey => "api_key",
+            AuthMethod::ServiceToken => "service_token",
+            AuthMethod::Session => "session",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Identity {
+    pub principal: Principal,
+    pub login: String,
+    pub email: String,
+    pub name: String,
+    pub org_id: i64,
+    /// Role in the current org.
+    pub org_role: Role,
+    pub grafana_admin: bool,
+    pub method: AuthMethod,
+    /// Milliseconds since the epoch; wall-clock so replicas agree.
+    pub verified_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Ready-made header values so a cache hit copies no strings.
+    #[serde(skip)]
+    pub headers: HeaderValues,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderValues {
+    pub user: Option<HeaderValue>,
+    pub role: Option<HeaderValue>,
+    pub email: Option<HeaderValue>,
+    pub name: Option<HeaderValue>,
+    pub org: Option<HeaderValue>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Identity {
+    /// The level used against a route's minimum: Grafana admins pass every
+    /// route, as in PMM's auth server.
+    pub fn effective_role(&self) -> Role {
+        if self.grafana_admin {
+            Role::GrafanaAdmin
+        } else {
+            self.org_role
+        }
+    }
+
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_at_ms
+    }
+
+    /// Stamps the verification time and expiry (TTL from now, or sooner).
+    pub fn stamp(&mut self, ttl: Duration, own_expiry_ms: Option<u64>) {
+        let now = now_ms();
+        self.verified_at_ms = now;
+        let by_ttl = now.saturating_add(ttl.as_millis() as u64);
+        self.expires_at_ms = own_expiry_ms.map_or(by_ttl, |e| e.min(by_ttl));
+        self.prepare_headers();
+    }
+
+    /// Fills [`HeaderValues`]; called after construction and after reading the
+    /// identity back from Redis.
+    pub fn prepare_headers(&mut self) {
+        let value = |s: &str| (!s.is_empty()).then(|| HeaderValue::from_bytes(s.as_bytes()).ok()).flatten();
+        self.headers = HeaderValues {
+            user: value(&self.login),
+            // Grafana's auth proxy takes org roles only.
+            role: value(self.org_role.as_str()),
+            email: value(&self.email),
+            name: value(&self.name),
+            org: Some(HeaderValue::from(self.org_id)),
+        };
+    }
+
+    pub fn remaining(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(self.expires_at_ms.saturating_sub(now_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_order_and_parse() {
+        assert!(Role::GrafanaAdmin > Role::Admin && Role::Admin > Role::Editor);
+        assert!(Role::Editor > Role::Viewer && Role::Viewer > Role::None);
+        assert_eq!(Role::from_grafana("Admin"), Role::Admin);
+        assert_eq!(Role::from_grafana("Read Only Editor"), Role::None);
+        let r: Role = serde_json::from_str("\"viewer\"").unwrap();
+        assert_eq!(r, Role::Viewer);
+        assert!(serde_json::from_str::<Role>("\"root\"").is_err());
+    }
+}

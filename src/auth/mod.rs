@@ -1,0 +1,63 @@
+//! Who is calling: credential parsing, identities, the policy check and the
+//! verifiers that turn a credential into an identity.
+
+pub mod credential;
+pub mod grafana;
+pub mod identity;
+pub mod static_users;
+
+pub use credential::{Credential, CredentialError, CredentialKind};
+pub use identity::{AuthMethod, Identity, Principal, PrincipalKind, Role};
+
+use crate::config::{Config, VerifierKind};
+
+/// Why a credential was refused. Cached (briefly) like an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DenyReason {
+    /// The upstream said the credential is not valid.
+    Invalid,
+    /// The account exists but is disabled.
+    Disabled,
+}
+
+/// The verifier's answer for a well-formed credential.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Allowed(Identity),
+    Denied(DenyReason),
+}
+
+/// The verifier could not answer: never a reason to allow or to refuse.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VerifyError {
+    #[error("verifier did not answer in time")]
+    Timeout,
+    #[error("verifier unreachable: {0}")]
+    Unreachable(String),
+    #[error("verifier answered {status} on {path}")]
+    Upstream { status: u16, path: &'static str },
+    #[error("verifier answer on {path} not understood: {reason}")]
+    Malformed { path: &'static str, reason: String },
+}
+
+/// One of the configured ways of checking a credential.
+pub enum Verifier {
+    Grafana(grafana::GrafanaVerifier),
+    Static(static_users::StaticVerifier),
+}
+
+impl Verifier {
+    pub fn from_config(config: &Config) -> Result<Verifier, crate::Error> {
+        Ok(match config.auth.verifier {
+            VerifierKind::Grafana => Verifier::Grafana(grafana::GrafanaVerifier::from_config(config)?),
+            VerifierKind::Static => Verifier::Static(static_users::StaticVerifier::from_config(&config.auth)),
+        })
+    }
+
+    pub async fn verify(&self, credential: &Credential) -> Result<Verdict, VerifyError> {
+        match self {
+            Verifier::Grafana(g) => g.verify(credential).await,
+            Verifier::Static(s) => Ok(s.verify(credential)),
+        }
+    }
+}

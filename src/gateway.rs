@@ -1,0 +1,482 @@
+//! The request path, one phase after another (DESIGN.md): strip spoofable
+//! headers → normalise → route → credential → identity → policy → forward →
+//! revoke on success. Each refusal is one `Refusal` variant with one answer.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::admin::Metrics;
+use crate::auth::{Credential, CredentialError, Identity, Role, Verifier, VerifyError};
+use crate::cache::{Cache, CacheKey, Outcome, Source};
+use crate::config::{Config, Profile};
+use crate::proxy::{self, Body, Forwarder, ProxyError, TrustedProxies};
+use crate::revoke::{revocation_for, Revocation};
+use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
+
+/// Why a request was answered by the gateway itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("bad request path: {0}")]
+    BadPath(#[from] PathError),
+    #[error("bad credential: {0}")]
+    BadCredential(#[from] CredentialError),
+    #[error("no credential")]
+    NoCredential,
+    #[error("credential refused")]
+    Refused,
+    #[error("role too low")]
+    Forbidden,
+    #[error("verifier unavailable: {0}")]
+    VerifierUnavailable(#[from] VerifyError),
+    #[error("{0}")]
+    Proxy(#[from] ProxyError),
+    #[error("cannot build the upstream request: {0}")]
+    Internal(String),
+    /// A browser without a (valid) session: sent to Grafana's login page.
+    #[error("login required")]
+    Login { redirect_to: String },
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::BadPath(_) => StatusCode::BAD_REQUEST,
+            Refusal::BadCredential(e) if e.is_bad_request() => StatusCode::BAD_REQUEST,
+            Refusal::BadCredential(_) | Refusal::NoCredential | Refusal::Refused => StatusCode::UNAUTHORIZED,
+            Refusal::Forbidden => StatusCode::FORBIDDEN,
+            Refusal::VerifierUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Proxy(e) => e.status(),
+            Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::Login { .. } => StatusCode::FOUND,
+        }
+    }
+
+    /// The `message` of the JSON body: Grafana's wording where Grafana has one.
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::BadPath(e) => format!("Bad request: {e}"),
+            Refusal::BadCredential(e) if e.is_bad_request() => format!("Bad request: {e}"),
+            Refusal::BadCredential(_) | Refusal::NoCredential | Refusal::Refused => "Unauthorized".into(),
+            Refusal::Forbidden => "Permission denied".into(),
+            Refusal::VerifierUnavailable(_) => "Authentication service unavailable".into(),
+            Refusal::Proxy(ProxyError::Unreachable(_)) => "Bad gateway: upstream unreachable".into(),
+            Refusal::Proxy(ProxyError::Timeout) => "Gateway timeout: upstream did not answer in time".into(),
+            Refusal::Internal(_) => "Internal error".into(),
+            Refusal::Login { .. } => "Login required".into(),
+        }
+    }
+
+    fn reason(&self) -> Option<String> {
+        match self {
+            Refusal::BadCredential(e) if !e.is_bad_request() => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut body = serde_json::json!({ "message": self.message() });
+        if let Some(reason) = self.reason() {
+            body["reason"] = reason.into();
+        }
+        let mut response = json_response(self.status(), &body);
+        if let Refusal::Login { redirect_to } = &self {
+            let location = format!(
+                "/login?redirectTo={}",
+                percent_encoding::utf8_percent_encode(redirect_to, percent_encoding::NON_ALPHANUMERIC)
+            );
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
+        }
+        response
+    }
+}
+
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Header names the gateway injects, compared in every spelling.
+struct InjectedHeaders {
+    user: HeaderName,
+    role: HeaderName,
+    email: HeaderName,
+    name: HeaderName,
+    org: HeaderName,
+    /// Folded forms (lower case, `_` as `-`) of every name clients may not send.
+    spoofable: Vec<Vec<u8>>,
+    /// Also folded, dropped only when the peer is not a trusted proxy.
+    forwarded: Vec<Vec<u8>>,
+}
+
+fn fold(name: &[u8]) -> Vec<u8> {
+    name.iter()
+        .map(|b| if *b == b'_' { b'-' } else { b.to_ascii_lowercase() })
+        .collect()
+}
+
+fn folded_eq(name: &[u8], folded: &[u8]) -> bool {
+    name.len() == folded.len()
+        && name
+            .iter()
+            .zip(folded)
+            .all(|(a, b)| (if *a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == *b)
+}
+
+impl InjectedHeaders {
+    fn from_config(config: &Config) -> Result<InjectedHeaders, crate::Error> {
+        let parse = |n: &str| {
+            HeaderName::from_bytes(n.as_bytes()).map_err(|_| crate::config::ConfigError::Key {
+                key: "identity".into(),
+                reason: format!("`{n}` is not a header name"),
+            })
+        };
+        let i = &config.identity;
+        let names = [
+            parse(&i.user_header)?,
+            parse(&i.role_header)?,
+            parse(&i.email_header)?,
+            parse(&i.name_header)?,
+            parse(&i.org_header)?,
+        ];
+        let spoofable = names.iter().map(|n| fold(n.as_str().as_bytes())).collect();
+        let forwarded = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"]
+            .iter()
+            .map(|n| fold(n.as_bytes()))
+            .collect();
+        let [user, role, email, name, org] = names;
+        Ok(InjectedHeaders {
+            user,
+            role,
+            email,
+            name,
+            org,
+            spoofable,
+            forwarded,
+        })
+    }
+
+    /// Removes every incoming copy of an injected header (and, from untrusted
+    /// peers, of the forwarding headers), whatever its spelling.
+    fn strip(&self, headers: &mut HeaderMap, trusted_peer: bool) {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| {
+                let bytes = name.as_str().as_bytes();
+                self.spoofable.iter().any(|f| folded_eq(bytes, f))
+                    || (!trusted_peer && self.forwarded.iter().any(|f| folded_eq(bytes, f)))
+            })
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+    }
+
+    fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
+        let values = &identity.headers;
+        for (name, value) in [
+            (&self.user, &values.user),
+            (&self.role, &values.role),
+            (&self.email, &values.email),
+            (&self.name, &values.name),
+            (&self.org, &values.org),
+        ] {
+            if let Some(value) = value {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+pub struct Gateway {
+    routes: RouteTable,
+    profile: Profile,
+    cache: Arc<Cache>,
+    verifier: Verifier,
+    forwarder: Forwarder,
+    injected: InjectedHeaders,
+    trusted: TrustedProxies,
+    session_cookie: String,
+    default_upstream: http::Uri,
+    access_log: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What the access log says about one request.
+struct Outcomes {
+    identity: Option<Arc<Identity>>,
+    source: Option<Source>,
+    upstream_time: Option<Duration>,
+}
+
+impl Gateway {
+    pub fn new(config: &Config, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Result<Gateway, crate::Error> {
+        Ok(Gateway {
+            routes: RouteTable::build(config.auth.profile, &config.routes)?,
+            profile: config.auth.profile,
+            cache,
+            verifier: Verifier::from_config(config)?,
+            forwarder: Forwarder::new(&config.upstream)?,
+            injected: InjectedHeaders::from_config(config)?,
+            trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            session_cookie: config.auth.session_cookie.clone(),
+            default_upstream: config.upstream.url.parse().map_err(|_| crate::config::ConfigError::Key {
+                key: "upstream.url".into(),
+                reason: "not a URL".into(),
+            })?,
+            access_log: config.log.access_log,
+            metrics,
+        })
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    pub async fn handle(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let trusted_peer = self.trusted.contains(peer.ip());
+        // Before anything else reads the request.
+        self.injected.strip(request.headers_mut(), trusted_peer);
+        let method = request.method().clone();
+        let mut outcomes = Outcomes {
+            identity: None,
+            source: None,
+            upstream_time: None,
+        };
+        let response = match self.pass(request, peer, trusted_peer, &mut outcomes).await {
+            Ok(response) => response,
+            Err(refusal) => {
+                if matches!(refusal, Refusal::VerifierUnavailable(_) | Refusal::Proxy(_)) {
+                    tracing::warn!(error = %refusal, detail = ?refusal, "request failed");
+                }
+                refusal.into_response()
+            }
+        };
+        self.metrics.record(response.status(), outcomes.source);
+        if self.access_log {
+            let elapsed = started.elapsed();
+            tracing::info!(
+                target: "access",
+                peer = %peer.ip(),
+                method = %method,
+                status = response.status().as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                upstream_ms = outcomes.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+                user = outcomes.identity.as_deref().map(|i| i.login.as_str()),
+                cache = outcomes.source.map(|s| match s { Source::Local => "hit", Source::Verifier => "miss" }),
+            );
+        }
+        response
+    }
+
+    async fn pass(
+        &self,
+        mut request: Request<Incoming>,
+        peer: SocketAddr,
+        trusted_peer: bool,
+        outcomes: &mut Outcomes,
+    ) -> Result<Response<Body>, Refusal> {
+        let path = normalise(request.uri().path())?;
+        let host_value = request
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(normalise_host);
+        let route = self.routes.lookup(request.method(), host.as_deref(), &path.decoded);
+        let credential = Credential::from_headers(request.headers(), &self.session_cookie)?;
+
+        let mut cache_key = None;
+        if route.min_role != Role::None {
+            let Some(credential) = &credential else {
+                return Err(self.unauthenticated(&request, Refusal::NoCredential));
+            };
+            let key = self.cache.keyer.key(credential);
+            cache_key = Some(key);
+            let (outcome, source) = self.cache.resolve(key, || self.verifier.verify(credential)).await?;
+            outcomes.source = Some(source);
+            let identity = match outcome {
+                Outcome::Allowed(identity) => identity,
+                Outcome::Denied(_) => {
+                    let refusal = Refusal::Refused;
+                    return Err(match credential {
+                        Credential::Session { .. } => self.unauthenticated(&request, refusal),
+                        _ => refusal,
+                    });
+                }
+            };
+            outcomes.identity = Some(identity.clone());
+            if !identity.is_fresh(crate::auth::identity::now_ms()) {
+                // Resolve only hands out fresh entries; this guards the clock.
+                return Err(Refusal::Refused);
+            }
+            if identity.effective_role() < route.min_role {
+                return Err(Refusal::Forbidden);
+            }
+        }
+
+        // Upstream request phase.
+        let upstream_path = route.upstream_path(&path.encoded);
+        let base = route.upstream.as_ref().unwrap_or(&self.default_upstream);
+        let uri = proxy::upstream_uri(base, &upstream_path, request.uri().query())
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
+        let upgrade = proxy::is_upgrade(&request);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        proxy::strip_hop_by_hop(headers, upgrade);
+        proxy::set_forwarded(headers, peer, host_value.as_ref(), trusted_peer);
+        if host_value.is_some() && !headers.contains_key(header::HOST) {
+            // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams want Host.
+            if let Some(h) = host_value.clone() {
+                headers.insert(header::HOST, h);
+            }
+        }
+        self.credentials_for_upstream(headers, route, credential.as_ref());
+        if route.inject_identity {
+            if let Some(identity) = &outcomes.identity {
+                self.injected.inject(headers, identity);
+            }
+        }
+
+        let method = request.method().clone();
+        let forwarded = self.forwarder.forward(request, client_upgrade).await?;
+        outcomes.upstream_time = Some(forwarded.upstream_time);
+
+        // Response phase: a management call that succeeded may have revoked
+        // what the cache holds.
+        if forwarded.response.status().is_success() || forwarded.response.status().is_redirection() {
+            self.revoke_after(&method, &upstream_path, outcomes.identity.as_deref(), cache_key, credential.as_ref());
+        }
+        Ok(forwarded.response)
+    }
+
+    /// A browser navigating to a UI page is sent to the login page; API
+    /// clients get 401.
+    fn unauthenticated<B>(&self, request: &Request<B>, refusal: Refusal) -> Refusal {
+        let wants_html = request
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/html"));
+        let path = request.uri().path();
+        let ui_page = self.profile == Profile::Grafana && !path.starts_with("/api/") && path != "/api";
+        if request.method() == Method::GET && wants_html && ui_page {
+            let redirect_to = request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+            return Refusal::Login { redirect_to };
+        }
+        refusal
+    }
+
+    fn credentials_for_upstream(&self, headers: &mut HeaderMap, route: &Route, credential: Option<&Credential>) {
+        if !route.forward_credentials {
+            headers.remove(header::AUTHORIZATION);
+            remove_cookie(headers, &self.session_cookie);
+            return;
+        }
+        if let Some(rewritten) = credential.and_then(Credential::forwarded_authorization) {
+            headers.insert(header::AUTHORIZATION, rewritten);
+        }
+    }
+
+    fn revoke_after(
+        &self,
+        method: &Method,
+        path: &str,
+        identity: Option<&Identity>,
+        cache_key: Option<CacheKey>,
+        credential: Option<&Credential>,
+    ) {
+        for revocation in revocation_for(method, path, identity) {
+            match revocation {
+                Revocation::Caller => {
+                    // Logout is an anonymous route: its key was not computed.
+                    let key = cache_key.or_else(|| credential.map(|c| self.cache.keyer.key(c)));
+                    if let Some(key) = key {
+                        self.cache.invalidate_key(&key);
+                    }
+                }
+                Revocation::Principal(principal) => {
+                    self.cache.invalidate_principal(principal);
+                }
+                Revocation::Method(m) => {
+                    self.cache.invalidate_method(m);
+                }
+            }
+            self.metrics.revocations.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(?revocation, path, "invalidated cached credentials after a management call");
+        }
+    }
+
+    pub fn profile(&self) -> Profile {
+        self.profile
+    }
+}
+
+/// Removes one cookie from every `Cookie` header, keeping the others.
+fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(true, |(k, _)| k != name))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(header::COOKIE, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_every_spelling() {
+        let config = Config::default();
+        let injected = InjectedHeaders::from_config(&config).unwrap();
+        let mut h = HeaderMap::new();
+        for name in ["x-webauth-user", "x_webauth_user", "X_WEBAUTH_Role", "x-webauth-org-id", "x-forwarded-for"] {
+            h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("admin"));
+        }
+        h.insert("x-other", HeaderValue::from_static("1"));
+        injected.strip(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        injected.strip(&mut h, true);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn removes_only_the_session_cookie() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; grafana_session=abc; b=2"));
+        remove_cookie(&mut h, "grafana_session");
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
+    }
+}

@@ -1,0 +1,160 @@
+//! Portcullis: a TLS-terminating authentication gateway for Grafana and PMM.
+//!
+//! [`start`] binds the listeners and returns a [`Running`] gateway; the binary
+//! in `main.rs` adds signals and logging around it, and the tests start it
+//! in-process on `127.0.0.1:0`.
+
+pub mod admin;
+pub mod auth;
+pub mod cache;
+pub mod config;
+pub mod gateway;
+pub mod proxy;
+pub mod revoke;
+pub mod routes;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{Admin, Metrics, Readiness};
+use crate::cache::{Cache, KeyOrigin, Keyer};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::server::{Limits, Shutdown, TlsServer};
+
+/// Everything that can stop the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started gateway.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub readiness: Arc<Readiness>,
+    pub tls_fingerprint: String,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting; in-flight requests get `server.shutdown_grace`.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the listener has closed and connections have drained.
+    pub async fn wait(self) {
+        let _ = self.server.await;
+    }
+
+    pub async fn stop(self) {
+        self.shutdown();
+        self.wait().await;
+    }
+}
+
+/// Binds, loads TLS and starts serving. `env_cache_key` is the value of
+/// `PORTCULLIS_CACHE_KEY`, passed in so that tests need no process environment.
+pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Running, Error> {
+    let material = tls::load(&config.tls)?;
+    tracing::info!(fingerprint = %material.fingerprint, cert = %config.tls.cert.display(), "TLS certificate loaded (SHA-256)");
+
+    let keyer = Keyer::from_config(&config.cache, env_cache_key.as_deref())?;
+    if keyer.origin == KeyOrigin::Random {
+        tracing::info!("cache HMAC key is random for this process (set cache.key_file to share a cache)");
+    }
+    let cache = Arc::new(Cache::new(&config.cache, keyer));
+    cache.spawn_purger();
+    let metrics = Arc::new(Metrics::default());
+    let gateway = Arc::new(Gateway::new(&config, cache.clone(), metrics.clone())?);
+
+    let listener = TcpListener::bind(config.server.listen).await.map_err(|source| Error::Bind {
+        key: "server.listen",
+        addr: config.server.listen,
+        source,
+    })?;
+    let admin_listener = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            key: "server.admin_listen",
+            addr: config.server.admin_listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind {
+        key: "server.listen",
+        addr: config.server.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| Error::Bind {
+        key: "server.admin_listen",
+        addr: config.server.admin_listen,
+        source,
+    })?;
+
+    let upstream: http::Uri = config.upstream.url.parse().map_err(|_| config::ConfigError::Key {
+        key: "upstream.url".into(),
+        reason: "not a URL".into(),
+    })?;
+    let upstream_port = upstream
+        .port_u16()
+        .unwrap_or(if upstream.scheme_str() == Some("https") { 443 } else { 80 });
+    let readiness = Arc::new(Readiness::new(format!(
+        "{}:{upstream_port}",
+        upstream.host().unwrap_or("127.0.0.1").trim_matches(|c| c == '[' || c == ']')
+    )));
+    readiness.tls_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let (stop, shutdown) = Shutdown::new();
+    tls::spawn_reloader(config.tls.clone(), material.resolver.clone(), shutdown.clone());
+
+    let admin = Arc::new(Admin {
+        metrics,
+        readiness: readiness.clone(),
+        cache,
+    });
+    tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
+
+    let server = Arc::new(TlsServer {
+        gateway: gateway.clone(),
+        acceptor: tokio_rustls::TlsAcceptor::from(material.server_config.clone()),
+        limits: Limits {
+            max_connections: config.server.max_connections,
+            handshake_timeout: config.server.tls_handshake_timeout,
+            idle_timeout: config.server.idle_timeout,
+            shutdown_grace: config.server.shutdown_grace,
+        },
+        http: server::http_builder(&config.server),
+    });
+    let server = tokio::spawn(server.serve(listener, shutdown));
+    readiness.listening.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(%addr, %admin_addr, upstream = %config.upstream.url, "portcullis listening");
+
+    Ok(Running {
+        addr,
+        admin_addr,
+        gateway,
+        readiness,
+        tls_fingerprint: material.fingerprint,
+        stop,
+        server,
+    })
+}

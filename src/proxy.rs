@@ -1,0 +1,259 @@
+//! Forwarding: header hygiene, the upstream call with its time-outs, WebSocket
+//! upgrades. Bodies stream both ways; nothing here buffers a body.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+
+use crate::auth::grafana::error_chain;
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::upstream::{self, Connector};
+
+/// What every response of the gateway carries: the upstream's body streamed
+/// through, or a small body of its own.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream unreachable")]
+    Unreachable(String),
+    #[error("upstream did not answer in time")]
+    Timeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// Connection-level headers (RFC 9110 §7.6.1) that must not cross a proxy.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers and those the `Connection` header names. An
+/// upgrade keeps `Connection: upgrade` and `Upgrade`, which the next hop needs.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Who may tell us about the original client.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        TrustedProxies(nets)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host`. The client's own copies were already
+/// removed unless the peer is a trusted proxy, in which case the chain grows.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>, trusted_peer: bool) {
+    let peer_ip = peer.ip().to_string();
+    let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if trusted_peer => format!("{prior}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&chain) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
+        if let Some(host) = host {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+        }
+    }
+}
+
+/// The client half of the proxy: one pooled client for every upstream.
+pub struct Forwarder {
+    client: Client<Connector, Incoming>,
+    response_timeout: Duration,
+}
+
+/// Time spent waiting for the upstream, for the access log.
+pub struct Forwarded {
+    pub response: Response<Body>,
+    pub upstream_time: Duration,
+}
+
+impl Forwarder {
+    pub fn new(config: &UpstreamConfig) -> Result<Forwarder, ConfigError> {
+        Ok(Forwarder {
+            client: upstream::client(config, upstream::connector(config)?),
+            response_timeout: config.response_timeout,
+        })
+    }
+
+    /// Sends `request` (already cleaned, with its final URI) and returns the
+    /// upstream's response, streaming. `client_upgrade` is the client side of
+    /// a WebSocket upgrade, joined to the upstream's on `101`.
+    pub async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Forwarded, ProxyError> {
+        let upgrading = client_upgrade.is_some();
+        *request.version_mut() = Version::HTTP_11;
+        let started = Instant::now();
+        let mut response = match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+            Err(_) => return Err(ProxyError::Timeout),
+            Ok(Err(e)) => {
+                let chain = error_chain(&e);
+                return Err(if chain.contains("timed out") || chain.contains("timeout") {
+                    ProxyError::Timeout
+                } else {
+                    ProxyError::Unreachable(chain)
+                });
+            }
+            Ok(Ok(response)) => response,
+        };
+        let upstream_time = started.elapsed();
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if let (true, Some(client_side)) = (switching, client_upgrade) {
+            let upstream_side = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_side, upstream_side) {
+                    Ok((client, upstream)) => {
+                        let mut client = TokioIo::new(client);
+                        let mut upstream = TokioIo::new(upstream);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                            tracing::debug!(error = %e, "upgraded connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+                }
+            });
+        }
+        strip_hop_by_hop(response.headers_mut(), upgrading && switching);
+        Ok(Forwarded {
+            response: response.map(Either::Left),
+            upstream_time,
+        })
+    }
+}
+
+/// `base` (scheme and authority of the upstream) joined with a path and query.
+pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    let mut path_and_query = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+    path_and_query.push_str(path);
+    if let Some(q) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(q);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = base.scheme().cloned();
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(path_and_query.parse()?);
+    Ok(Uri::from_parts(parts)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_headers_from_untrusted_and_trusted_peers() {
+        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
+        let host = HeaderValue::from_static("gw.example");
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        set_forwarded(&mut h, peer, Some(&host), true);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, peer, Some(&host), false);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "gw.example");
+        let trusted = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        assert!(trusted.contains("10.1.2.3".parse().unwrap()));
+        assert!(trusted.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!trusted.contains("11.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn uri_join() {
+        let base: Uri = "http://127.0.0.1:3000".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&base, "/a%20b", Some("x=1")).unwrap().to_string(),
+            "http://127.0.0.1:3000/a%20b?x=1"
+        );
+    }
+}
