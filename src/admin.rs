@@ -94,7 +94,11 @@ impl Readiness {
 
     async fn check(&self) -> (StatusCode, serde_json::Value) {
         let upstream_ok = matches!(
-            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&self.upstream)).await,
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(&self.upstream)
+            )
+            .await,
             Ok(Ok(_))
         );
         let listening = self.listening.load(Ordering::Relaxed);
@@ -147,14 +151,18 @@ impl Admin {
                 json_response(status, &body)
             }
             "/metrics" => {
-                let mut response = Response::new(Either::Right(Full::new(Bytes::from(self.render_metrics()))));
+                let mut response =
+                    Response::new(Either::Right(Full::new(Bytes::from(self.render_metrics()))));
                 response.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4"),
                 );
                 response
             }
-            _ => json_response(StatusCode::NOT_FOUND, &serde_json::json!({"message": "Not found"})),
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"message": "Not found"}),
+            ),
         }
     }
 

@@ -18,10 +18,7 @@ const ENV_PREFIX: &str = "PORTCULLIS_";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("config key `{key}`: {reason}")]
@@ -39,7 +36,7 @@ impl ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -50,21 +47,6 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub cache: CacheConfig,
     pub routes: Vec<RouteConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            tls: TlsConfig::default(),
-            upstream: UpstreamConfig::default(),
-            log: LogConfig::default(),
-            auth: AuthConfig::default(),
-            identity: IdentityConfig::default(),
-            cache: CacheConfig::default(),
-            routes: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -422,7 +404,10 @@ impl Config {
     fn from_table(doc: toml::Table) -> Result<Config, ConfigError> {
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::key(if key == "." { "<root>".into() } else { key }, e.into_inner().to_string())
+            ConfigError::key(
+                if key == "." { "<root>".into() } else { key },
+                e.into_inner().to_string(),
+            )
         })?;
         config.validate()?;
         Ok(config)
@@ -444,7 +429,10 @@ impl Config {
         }
         for (i, route) in self.routes.iter().enumerate() {
             if !route.prefix.starts_with('/') {
-                return Err(ConfigError::key(format!("routes[{i}].prefix"), "must start with `/`"));
+                return Err(ConfigError::key(
+                    format!("routes[{i}].prefix"),
+                    "must start with `/`",
+                ));
             }
             if let Some(method) = &route.method {
                 http::Method::from_bytes(method.as_bytes())
@@ -455,7 +443,10 @@ impl Config {
             }
             if let Some(rewrite) = &route.rewrite {
                 if !rewrite.starts_with('/') {
-                    return Err(ConfigError::key(format!("routes[{i}].rewrite"), "must start with `/`"));
+                    return Err(ConfigError::key(
+                        format!("routes[{i}].rewrite"),
+                        "must start with `/`",
+                    ));
                 }
             }
         }
@@ -471,7 +462,11 @@ impl Config {
                 .map_err(|_| ConfigError::key(key, "not a valid header name"))?;
         }
         if self.auth.session_cookie.is_empty()
-            || !self.auth.session_cookie.bytes().all(|b| b.is_ascii_graphic() && !b"=;,\"".contains(&b))
+            || !self
+                .auth
+                .session_cookie
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"=;,\"".contains(&b))
         {
             return Err(ConfigError::key("auth.session_cookie", "not a valid cookie name"));
         }
@@ -482,7 +477,8 @@ impl Config {
             ));
         }
         for (i, user) in self.auth.static_users.iter().enumerate() {
-            let ok = user.secret_sha256.len() == 64 && user.secret_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            let ok =
+                user.secret_sha256.len() == 64 && user.secret_sha256.bytes().all(|b| b.is_ascii_hexdigit());
             if !ok {
                 return Err(ConfigError::key(
                     format!("auth.static_users[{i}].secret_sha256"),
@@ -500,7 +496,10 @@ impl Config {
             return Err(ConfigError::key("server.max_connections", "must be at least 1"));
         }
         if self.server.max_header_bytes < 1024 {
-            return Err(ConfigError::key("server.max_header_bytes", "must be at least 1024"));
+            return Err(ConfigError::key(
+                "server.max_header_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.cache.redis.enabled() {
             if !self.cache.redis.url.is_empty() && self.cache.redis.cluster.is_empty() {
@@ -548,9 +547,14 @@ const ENV_SECTIONS: &[&[&str]] = &[
     &["cache"],
 ];
 
-fn apply_env(doc: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+fn apply_env(
+    doc: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
     for (var, raw) in env {
-        let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
         if var == CACHE_KEY_ENV {
             continue;
         }
@@ -610,8 +614,11 @@ pub mod duration {
         }
         match Raw::deserialize(d)? {
             Raw::Secs(s) => Ok(Duration::from_secs(s)),
-            Raw::Text(t) => humantime::parse_duration(&t)
-                .map_err(|e| serde::de::Error::custom(format!("`{t}` is not a duration ({e}); write e.g. \"30s\" or \"500ms\""))),
+            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{t}` is not a duration ({e}); write e.g. \"30s\" or \"500ms\""
+                ))
+            }),
         }
     }
 }
@@ -621,7 +628,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -637,17 +647,25 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::from_toml("[server]\nlisten_on = \"x\"").unwrap_err().to_string();
+        let err = Config::from_toml("[server]\nlisten_on = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server") && err.contains("listen_on"), "{err}");
     }
 
     #[test]
     fn bad_value_is_named() {
-        let err = Config::from_toml("[server]\nlisten = \"nowhere\"").unwrap_err().to_string();
+        let err = Config::from_toml("[server]\nlisten = \"nowhere\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server.listen"), "{err}");
-        let err = Config::from_toml("[cache]\nttl = \"soon\"").unwrap_err().to_string();
+        let err = Config::from_toml("[cache]\nttl = \"soon\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cache.ttl") && err.contains("soon"), "{err}");
-        let err = Config::from_toml("[[routes]]\nprefix = \"x\"\nmin_role = \"Viewer\"").unwrap_err().to_string();
+        let err = Config::from_toml("[[routes]]\nprefix = \"x\"\nmin_role = \"Viewer\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("routes[0].prefix"), "{err}");
     }
 
@@ -679,9 +697,12 @@ mod tests {
     #[test]
     fn unknown_environment_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Config::load(&dir.path().join("x.toml"), env(&[("PORTCULLIS_SERVER_LISTN", "1")]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load(
+            &dir.path().join("x.toml"),
+            env(&[("PORTCULLIS_SERVER_LISTN", "1")]),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("listn"), "{err}");
         let err = Config::load(&dir.path().join("x.toml"), env(&[("PORTCULLIS_NOPE", "1")]))
             .unwrap_err()

@@ -153,10 +153,16 @@ impl InjectedHeaders {
             parse(&i.org_header)?,
         ];
         let spoofable = names.iter().map(|n| fold(n.as_str().as_bytes())).collect();
-        let forwarded = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"]
-            .iter()
-            .map(|n| fold(n.as_bytes()))
-            .collect();
+        let forwarded = [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+            "x-real-ip",
+        ]
+        .iter()
+        .map(|n| fold(n.as_bytes()))
+        .collect();
         let [user, role, email, name, org] = names;
         Ok(InjectedHeaders {
             user,
@@ -234,10 +240,14 @@ impl Gateway {
             injected: InjectedHeaders::from_config(config)?,
             trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
             session_cookie: config.auth.session_cookie.clone(),
-            default_upstream: config.upstream.url.parse().map_err(|_| crate::config::ConfigError::Key {
-                key: "upstream.url".into(),
-                reason: "not a URL".into(),
-            })?,
+            default_upstream: config
+                .upstream
+                .url
+                .parse()
+                .map_err(|_| crate::config::ConfigError::Key {
+                    key: "upstream.url".into(),
+                    reason: "not a URL".into(),
+                })?,
             access_log: config.log.access_log,
             metrics,
         })
@@ -253,6 +263,8 @@ impl Gateway {
         // Before anything else reads the request.
         self.injected.strip(request.headers_mut(), trusted_peer);
         let method = request.method().clone();
+        // Path only: a query string may carry secrets.
+        let path = self.access_log.then(|| request.uri().path().to_owned());
         let mut outcomes = Outcomes {
             identity: None,
             source: None,
@@ -274,6 +286,7 @@ impl Gateway {
                 target: "access",
                 peer = %peer.ip(),
                 method = %method,
+                path = path.as_deref().unwrap_or(""),
                 status = response.status().as_u16(),
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 upstream_ms = outcomes.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
@@ -292,13 +305,19 @@ impl Gateway {
         outcomes: &mut Outcomes,
     ) -> Result<Response<Body>, Refusal> {
         let path = normalise(request.uri().path())?;
-        let host_value = request
-            .headers()
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-        let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(normalise_host);
-        let route = self.routes.lookup(request.method(), host.as_deref(), &path.decoded);
+        let host_value = request.headers().get(header::HOST).cloned().or_else(|| {
+            request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let host = host_value
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .map(normalise_host);
+        let route = self
+            .routes
+            .lookup(request.method(), host.as_deref(), &path.decoded);
         let credential = Credential::from_headers(request.headers(), &self.session_cookie)?;
 
         let mut cache_key = None;
@@ -308,7 +327,10 @@ impl Gateway {
             };
             let key = self.cache.keyer.key(credential);
             cache_key = Some(key);
-            let (outcome, source) = self.cache.resolve(key, || self.verifier.verify(credential)).await?;
+            let (outcome, source) = self
+                .cache
+                .resolve(key, || self.verifier.verify(credential))
+                .await?;
             outcomes.source = Some(source);
             let identity = match outcome {
                 Outcome::Allowed(identity) => identity,
@@ -361,7 +383,13 @@ impl Gateway {
         // Response phase: a management call that succeeded may have revoked
         // what the cache holds.
         if forwarded.response.status().is_success() || forwarded.response.status().is_redirection() {
-            self.revoke_after(&method, &upstream_path, outcomes.identity.as_deref(), cache_key, credential.as_ref());
+            self.revoke_after(
+                &method,
+                &upstream_path,
+                outcomes.identity.as_deref(),
+                cache_key,
+                credential.as_ref(),
+            );
         }
         Ok(forwarded.response)
     }
@@ -387,7 +415,12 @@ impl Gateway {
         refusal
     }
 
-    fn credentials_for_upstream(&self, headers: &mut HeaderMap, route: &Route, credential: Option<&Credential>) {
+    fn credentials_for_upstream(
+        &self,
+        headers: &mut HeaderMap,
+        route: &Route,
+        credential: Option<&Credential>,
+    ) {
         if !route.forward_credentials {
             headers.remove(header::AUTHORIZATION);
             remove_cookie(headers, &self.session_cookie);
@@ -423,7 +456,11 @@ impl Gateway {
                 }
             }
             self.metrics.revocations.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(?revocation, path, "invalidated cached credentials after a management call");
+            tracing::info!(
+                ?revocation,
+                path,
+                "invalidated cached credentials after a management call"
+            );
         }
     }
 
@@ -440,7 +477,7 @@ fn remove_cookie(headers: &mut HeaderMap, name: &str) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(true, |(k, _)| k != name))
+        .filter(|pair| !pair.is_empty() && pair.split_once('=').is_none_or(|(k, _)| k != name))
         .map(str::to_owned)
         .collect();
     headers.remove(header::COOKIE);
@@ -460,8 +497,17 @@ mod tests {
         let config = Config::default();
         let injected = InjectedHeaders::from_config(&config).unwrap();
         let mut h = HeaderMap::new();
-        for name in ["x-webauth-user", "x_webauth_user", "X_WEBAUTH_Role", "x-webauth-org-id", "x-forwarded-for"] {
-            h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("admin"));
+        for name in [
+            "x-webauth-user",
+            "x_webauth_user",
+            "X_WEBAUTH_Role",
+            "x-webauth-org-id",
+            "x-forwarded-for",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("admin"),
+            );
         }
         h.insert("x-other", HeaderValue::from_static("1"));
         injected.strip(&mut h, false);
@@ -475,7 +521,10 @@ mod tests {
     #[test]
     fn removes_only_the_session_cookie() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; grafana_session=abc; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; grafana_session=abc; b=2"),
+        );
         remove_cookie(&mut h, "grafana_session");
         assert_eq!(h[header::COOKIE], "a=1; b=2");
     }

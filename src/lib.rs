@@ -87,11 +87,13 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
     let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway::new(&config, cache.clone(), metrics.clone())?);
 
-    let listener = TcpListener::bind(config.server.listen).await.map_err(|source| Error::Bind {
-        key: "server.listen",
-        addr: config.server.listen,
-        source,
-    })?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            key: "server.listen",
+            addr: config.server.listen,
+            source,
+        })?;
     let admin_listener = TcpListener::bind(config.server.admin_listen)
         .await
         .map_err(|source| Error::Bind {
@@ -110,18 +112,31 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
         source,
     })?;
 
-    let upstream: http::Uri = config.upstream.url.parse().map_err(|_| config::ConfigError::Key {
-        key: "upstream.url".into(),
-        reason: "not a URL".into(),
-    })?;
+    let upstream: http::Uri = config
+        .upstream
+        .url
+        .parse()
+        .map_err(|_| config::ConfigError::Key {
+            key: "upstream.url".into(),
+            reason: "not a URL".into(),
+        })?;
     let upstream_port = upstream
         .port_u16()
-        .unwrap_or(if upstream.scheme_str() == Some("https") { 443 } else { 80 });
+        .unwrap_or(if upstream.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
     let readiness = Arc::new(Readiness::new(format!(
         "{}:{upstream_port}",
-        upstream.host().unwrap_or("127.0.0.1").trim_matches(|c| c == '[' || c == ']')
+        upstream
+            .host()
+            .unwrap_or("127.0.0.1")
+            .trim_matches(|c| c == '[' || c == ']')
     )));
-    readiness.tls_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+    readiness
+        .tls_loaded
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let (stop, shutdown) = Shutdown::new();
     tls::spawn_reloader(config.tls.clone(), material.resolver.clone(), shutdown.clone());
@@ -145,7 +160,9 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
         http: server::http_builder(&config.server),
     });
     let server = tokio::spawn(server.serve(listener, shutdown));
-    readiness.listening.store(true, std::sync::atomic::Ordering::Relaxed);
+    readiness
+        .listening
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(%addr, %admin_addr, upstream = %config.upstream.url, "portcullis listening");
 
     Ok(Running {

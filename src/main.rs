@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use portcullis::config::{Config, LogFormat, CACHE_KEY_ENV};
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "TLS authentication gateway for Grafana and PMM")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "TLS authentication gateway for Grafana and PMM"
+)]
 struct Cli {
     /// Config file; built-in defaults when it does not exist.
     #[arg(long, short, global = true, default_value = "gateway.toml")]
@@ -89,7 +93,9 @@ async fn wait_for_signal() {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

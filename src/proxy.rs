@@ -110,7 +110,12 @@ impl TrustedProxies {
 
 /// Sets `X-Forwarded-For/-Proto/-Host`. The client's own copies were already
 /// removed unless the peer is a trusted proxy, in which case the chain grows.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>, trusted_peer: bool) {
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    host: Option<&HeaderValue>,
+    trusted_peer: bool,
+) {
     let peer_ip = peer.ip().to_string();
     let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if trusted_peer => format!("{prior}, {peer_ip}"),
@@ -160,18 +165,19 @@ impl Forwarder {
         let upgrading = client_upgrade.is_some();
         *request.version_mut() = Version::HTTP_11;
         let started = Instant::now();
-        let mut response = match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-            Err(_) => return Err(ProxyError::Timeout),
-            Ok(Err(e)) => {
-                let chain = error_chain(&e);
-                return Err(if chain.contains("timed out") || chain.contains("timeout") {
-                    ProxyError::Timeout
-                } else {
-                    ProxyError::Unreachable(chain)
-                });
-            }
-            Ok(Ok(response)) => response,
-        };
+        let mut response =
+            match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+                Err(_) => return Err(ProxyError::Timeout),
+                Ok(Err(e)) => {
+                    let chain = error_chain(&e);
+                    return Err(if chain.contains("timed out") || chain.contains("timeout") {
+                        ProxyError::Timeout
+                    } else {
+                        ProxyError::Unreachable(chain)
+                    });
+                }
+                Ok(Ok(response)) => response,
+            };
         let upstream_time = started.elapsed();
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(client_side)) = (switching, client_upgrade) {
@@ -219,7 +225,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));

@@ -19,7 +19,10 @@ pub enum Revocation {
 /// Looks at a request that the upstream answered with 2xx. `path` is the
 /// normalised path sent upstream; PMM serves Grafana under `/graph`.
 pub fn revocation_for(method: &Method, path: &str, caller: Option<&Identity>) -> Vec<Revocation> {
-    let path = path.strip_prefix("/graph").filter(|p| p.starts_with('/')).unwrap_or(path);
+    let path = path
+        .strip_prefix("/graph")
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(path);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let id = |s: &str| s.parse::<i64>().ok();
     let user = |s: &str| {
@@ -87,9 +90,18 @@ mod tests {
                 id,
             })]
         };
-        assert_eq!(revocation_for(&Method::DELETE, "/api/serviceaccounts/7/tokens/3", None), sa(7));
-        assert_eq!(revocation_for(&Method::DELETE, "/graph/api/serviceaccounts/7", None), sa(7));
-        assert_eq!(revocation_for(&Method::GET, "/logout", None), vec![Revocation::Caller]);
+        assert_eq!(
+            revocation_for(&Method::DELETE, "/api/serviceaccounts/7/tokens/3", None),
+            sa(7)
+        );
+        assert_eq!(
+            revocation_for(&Method::DELETE, "/graph/api/serviceaccounts/7", None),
+            sa(7)
+        );
+        assert_eq!(
+            revocation_for(&Method::GET, "/logout", None),
+            vec![Revocation::Caller]
+        );
         assert_eq!(revocation_for(&Method::DELETE, "/api/auth/keys/3", None).len(), 2);
         assert_eq!(
             revocation_for(&Method::PATCH, "/api/org/users/4", None),

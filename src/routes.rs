@@ -53,7 +53,9 @@ pub fn normalise(raw_path: &str) -> Result<NormalPath, PathError> {
     let clean = !raw_path.contains('%')
         && !raw_path.contains("//")
         && !raw_path.split('/').any(|s| s == "." || s == "..")
-        && !raw_path.bytes().any(|b| b.is_ascii_control() || b == b'\\' || b >= 0x80);
+        && !raw_path
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b'\\' || b >= 0x80);
     if clean {
         return Ok(NormalPath {
             decoded: raw_path.to_owned(),
@@ -136,7 +138,9 @@ impl Route {
             None => None,
         };
         let method = match &c.method {
-            Some(m) => Some(Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|e| e.to_string())?),
+            Some(m) => {
+                Some(Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|e| e.to_string())?)
+            }
             None => None,
         };
         Ok(Route {
@@ -182,10 +186,12 @@ impl RouteTable {
         configs.extend(extra.iter().cloned());
         let mut routes = Vec::with_capacity(configs.len());
         for (i, c) in configs.iter().enumerate() {
-            routes.push(Route::from_config(c).map_err(|reason| crate::config::ConfigError::Key {
-                key: format!("routes[{i}]"),
-                reason,
-            })?);
+            routes.push(
+                Route::from_config(c).map_err(|reason| crate::config::ConfigError::Key {
+                    key: format!("routes[{i}]"),
+                    reason,
+                })?,
+            );
         }
         routes.sort_by(|a, b| {
             b.prefix
@@ -297,7 +303,14 @@ fn profile_routes(profile: Profile) -> Vec<RouteConfig> {
             for p in ["/graph", "/v1/readyz", "/v1/server/readyz", "/ping"] {
                 routes.push(rule(p, Role::None));
             }
-            for p in ["/v1/version", "/v1/server/version", "/v1/qan", "/v1/alerting", "/v1/users", "/swagger"] {
+            for p in [
+                "/v1/version",
+                "/v1/server/version",
+                "/v1/qan",
+                "/v1/alerting",
+                "/v1/users",
+                "/swagger",
+            ] {
                 routes.push(rule(p, Role::Viewer));
             }
             for p in ["/v1/advisors", "/v1/alerting/rules"] {
@@ -376,8 +389,14 @@ mod tests {
             },
         ];
         let t = RouteTable::build(Profile::Custom, &extra).unwrap();
-        assert_eq!(t.lookup(&Method::GET, None, "/api/things/1").min_role, Role::Viewer);
-        assert_eq!(t.lookup(&Method::DELETE, None, "/api/things/1").min_role, Role::Admin);
+        assert_eq!(
+            t.lookup(&Method::GET, None, "/api/things/1").min_role,
+            Role::Viewer
+        );
+        assert_eq!(
+            t.lookup(&Method::DELETE, None, "/api/things/1").min_role,
+            Role::Admin
+        );
     }
 
     #[test]

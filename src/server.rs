@@ -92,16 +92,27 @@ impl TlsServer {
                 _ = stop.wait() => break,
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                self.gateway.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                self.gateway
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 drop(tcp);
                 continue;
             };
             let server = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                server.gateway.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                server
+                    .gateway
+                    .metrics
+                    .connections_open
+                    .fetch_add(1, Ordering::Relaxed);
                 server.connection(tcp, peer, shutdown).await;
-                server.gateway.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                server
+                    .gateway
+                    .metrics
+                    .connections_open
+                    .fetch_sub(1, Ordering::Relaxed);
                 drop(slot);
             });
         }
@@ -224,7 +235,11 @@ struct Tracked<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {

@@ -27,7 +27,11 @@ pub enum TlsError {
     #[error("{path} holds no PEM {what}")]
     NoPem { path: PathBuf, what: &'static str },
     #[error("certificate {cert} and key {key} do not belong together: {reason}")]
-    Mismatch { cert: PathBuf, key: PathBuf, reason: String },
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
     #[error("cannot generate a self-signed certificate: {0}")]
     Generate(String),
 }
@@ -77,8 +81,16 @@ pub fn load(config: &TlsConfig) -> Result<TlsMaterial, TlsError> {
 
 /// SHA-256 of the leaf certificate, as `AB:CD:…` (what `openssl x509 -fingerprint -sha256` prints).
 pub fn fingerprint(key: &CertifiedKey) -> String {
-    let digest = key.cert.first().map(|c| Sha256::digest(c.as_ref())).unwrap_or_default();
-    digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    let digest = key
+        .cert
+        .first()
+        .map(|c| Sha256::digest(c.as_ref()))
+        .unwrap_or_default();
+    digest
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn ensure_pair(config: &TlsConfig) -> Result<(), TlsError> {
@@ -99,7 +111,8 @@ fn generate(config: &TlsConfig) -> Result<(), TlsError> {
     }
     names.extend(config.hostnames.iter().cloned());
     names.dedup();
-    let generated = rcgen::generate_simple_self_signed(names.clone()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let generated =
+        rcgen::generate_simple_self_signed(names.clone()).map_err(|e| TlsError::Generate(e.to_string()))?;
     write_file(&config.key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
     write_file(&config.cert, generated.cert.pem().as_bytes(), 0o644)?;
     tracing::info!(cert = %config.cert.display(), names = ?names, "generated a self-signed certificate");
@@ -193,7 +206,9 @@ pub fn spawn_reloader(config: TlsConfig, resolver: Arc<CertResolver>, mut shutdo
                     resolver.current.store(Arc::new(key));
                     seen = now;
                 }
-                Err(e) => tracing::warn!(error = %e, "TLS files changed but cannot be loaded; keeping the current certificate"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS files changed but cannot be loaded; keeping the current certificate")
+                }
             }
         }
     });

@@ -54,7 +54,10 @@ pub enum CredentialError {
 impl CredentialError {
     /// 400 for a request that is malformed as HTTP, 401 for a bad credential.
     pub fn is_bad_request(&self) -> bool {
-        matches!(self, CredentialError::DuplicateAuthorization | CredentialError::NotAscii)
+        matches!(
+            self,
+            CredentialError::DuplicateAuthorization | CredentialError::NotAscii
+        )
     }
 }
 
@@ -73,7 +76,10 @@ pub enum Credential {
     /// A legacy key (`eyJrIjoi…`), from Bearer or `Basic api_key:KEY`.
     ApiKey { key: String, name: String, org_id: i64 },
     /// A `glsa_` token, from Bearer, `Basic api_key:…` or `Basic service_token:…`.
-    ServiceToken { token: String, from_service_token_basic: bool },
+    ServiceToken {
+        token: String,
+        from_service_token_basic: bool,
+    },
     /// The browser session cookie's value.
     Session { token: String },
 }
@@ -82,7 +88,9 @@ impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Credential::Password { user, .. } => write!(f, "Password({user:?}, <redacted>)"),
-            Credential::ApiKey { name, org_id, .. } => write!(f, "ApiKey({name:?}, org {org_id}, <redacted>)"),
+            Credential::ApiKey { name, org_id, .. } => {
+                write!(f, "ApiKey({name:?}, org {org_id}, <redacted>)")
+            }
             Credential::ServiceToken { .. } => f.write_str("ServiceToken(<redacted>)"),
             Credential::Session { .. } => f.write_str("Session(<redacted>)"),
         }
@@ -92,7 +100,10 @@ impl fmt::Debug for Credential {
 impl Credential {
     /// Reads the request's credential: `Authorization` first (as Grafana's
     /// client order does), then the session cookie. `Ok(None)` when there is none.
-    pub fn from_headers(headers: &HeaderMap, session_cookie: &str) -> Result<Option<Credential>, CredentialError> {
+    pub fn from_headers(
+        headers: &HeaderMap,
+        session_cookie: &str,
+    ) -> Result<Option<Credential>, CredentialError> {
         let mut auth = headers.get_all(AUTHORIZATION).iter();
         if let Some(value) = auth.next() {
             if auth.next().is_some() {
@@ -148,7 +159,10 @@ impl Credential {
                 plain.push_str(user);
                 plain.push(':');
                 plain.push_str(password);
-                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(plain))
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(plain)
+                )
             }
             Credential::ApiKey { key, .. } => format!("Bearer {key}"),
             Credential::ServiceToken { token, .. } => format!("Bearer {token}"),
@@ -220,7 +234,8 @@ fn parse_token(token: &str, from_service_token_basic: bool) -> Result<Credential
 /// `glsa_<32 alphanumerics>_<crc32-ieee("glsa_"+secret) as 4 LE bytes, hex>`.
 pub fn service_token_is_well_formed(token: &str) -> bool {
     let mut parts = token.split('_');
-    let (Some("glsa"), Some(secret), Some(checksum), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some("glsa"), Some(secret), Some(checksum), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return false;
     };
@@ -273,14 +288,22 @@ mod tests {
         Credential::from_authorization(&HeaderValue::from_str(value).unwrap())
     }
 
-    const SEED_PMM_KEY: &str = "eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=";
-    const SEED_GRAFANA_KEY: &str = "eyJrIjoiWHZiSWd3NzdCYUZnNUtibE9obUpESmE3bzJYNDRIc0UiLCJuIjoibXlrZXkiLCJpZCI6MX1=";
+    const SEED_PMM_KEY: &str =
+        "eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=";
+    const SEED_GRAFANA_KEY: &str =
+        "eyJrIjoiWHZiSWd3NzdCYUZnNUtibE9obUpESmE3bzJYNDRIc0UiLCJuIjoibXlrZXkiLCJpZCI6MX1=";
 
     #[test]
     fn grafana_checksum_vector() {
-        assert!(service_token_is_well_formed("glsa_iNValIdinValiDinvalidinvalidinva_5b582697"));
-        assert!(!service_token_is_well_formed("glsa_iNValIdinValiDinvalidinvalidinva_5b582698"));
-        assert!(!service_token_is_well_formed("glsa_iNValIdinValiDinvalidinvalidinva_5b582697_x"));
+        assert!(service_token_is_well_formed(
+            "glsa_iNValIdinValiDinvalidinvalidinva_5b582697"
+        ));
+        assert!(!service_token_is_well_formed(
+            "glsa_iNValIdinValiDinvalidinvalidinva_5b582698"
+        ));
+        assert!(!service_token_is_well_formed(
+            "glsa_iNValIdinValiDinvalidinvalidinva_5b582697_x"
+        ));
         assert!(!service_token_is_well_formed("glsa_short_5b582697"));
     }
 
@@ -311,7 +334,10 @@ mod tests {
             }
         );
         let b = base64::engine::general_purpose::STANDARD.encode(format!("api_key:{SEED_PMM_KEY}"));
-        assert_eq!(auth(&format!("BASIC {b}")).unwrap().kind(), CredentialKind::ApiKey);
+        assert_eq!(
+            auth(&format!("BASIC {b}")).unwrap().kind(),
+            CredentialKind::ApiKey
+        );
         let token = "glsa_iNValIdinValiDinvalidinvalidinva_5b582697";
         let b = base64::engine::general_purpose::STANDARD.encode(format!("service_token:{token}"));
         let c = auth(&format!("Basic {b}")).unwrap();
@@ -338,9 +364,15 @@ mod tests {
     #[test]
     fn headers_and_cookies() {
         let mut h = HeaderMap::new();
-        h.append(COOKIE, HeaderValue::from_static("a=b; grafana_session=0123456789abcdef0123456789abcdef"));
+        h.append(
+            COOKIE,
+            HeaderValue::from_static("a=b; grafana_session=0123456789abcdef0123456789abcdef"),
+        );
         assert_eq!(
-            Credential::from_headers(&h, "grafana_session").unwrap().unwrap().kind(),
+            Credential::from_headers(&h, "grafana_session")
+                .unwrap()
+                .unwrap()
+                .kind(),
             CredentialKind::Session
         );
         assert_eq!(Credential::from_headers(&h, "pmm_session").unwrap(), None);

@@ -12,7 +12,9 @@ use hyper_util::client::legacy::Client;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::{AuthMethod, Credential, DenyReason, Identity, Principal, PrincipalKind, Role, Verdict, VerifyError};
+use super::{
+    AuthMethod, Credential, DenyReason, Identity, Principal, PrincipalKind, Role, Verdict, VerifyError,
+};
 use crate::config::{Config, GrafanaFlavor};
 use crate::upstream::{self, Connector};
 
@@ -218,13 +220,20 @@ impl GrafanaVerifier {
         method: AuthMethod,
     ) -> Result<Verdict, VerifyError> {
         if self.flavor.load(Ordering::Relaxed) != FLAVOR_VANILLA {
-            match self.get::<Option<ServiceAccount>>("/api/auth/serviceaccount", presented).await? {
+            match self
+                .get::<Option<ServiceAccount>>("/api/auth/serviceaccount", presented)
+                .await?
+            {
                 Answer::Ok(Some(sa)) => {
                     if sa.is_disabled {
                         return Ok(Verdict::Denied(DenyReason::Disabled));
                     }
                     self.flavor.store(FLAVOR_PMM, Ordering::Relaxed);
-                    let login = if sa.login.is_empty() { sa.name.clone() } else { sa.login };
+                    let login = if sa.login.is_empty() {
+                        sa.name.clone()
+                    } else {
+                        sa.login
+                    };
                     return Ok(Verdict::Allowed(identity(
                         Principal {
                             kind: PrincipalKind::ServiceAccount,
@@ -245,7 +254,9 @@ impl GrafanaVerifier {
                 Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
                 Answer::NotFound => {
                     if self.flavor.swap(FLAVOR_VANILLA, Ordering::Relaxed) != FLAVOR_VANILLA {
-                        tracing::info!("upstream Grafana has no /api/auth/serviceaccount: using vanilla token checks");
+                        tracing::info!(
+                            "upstream Grafana has no /api/auth/serviceaccount: using vanilla token checks"
+                        );
                     }
                 }
             }
@@ -293,7 +304,14 @@ impl GrafanaVerifier {
         };
         let role = self.token_role(principal).await?;
         Ok(Verdict::Allowed(identity(
-            principal, login, String::new(), name, org_id, role, false, method,
+            principal,
+            login,
+            String::new(),
+            name,
+            org_id,
+            role,
+            false,
+            method,
         )))
     }
 
@@ -302,7 +320,10 @@ impl GrafanaVerifier {
     async fn token_role(&self, principal: Principal) -> Result<Role, VerifyError> {
         if let (Some(admin), true) = (&self.admin_authorization, principal.id > 0) {
             let path = format!("/api/serviceaccounts/{}", principal.id);
-            match self.get_path::<ServiceAccount>(&path, &(AUTHORIZATION, admin.clone())).await? {
+            match self
+                .get_path::<ServiceAccount>(&path, &(AUTHORIZATION, admin.clone()))
+                .await?
+            {
                 Answer::Ok(sa) => return Ok(Role::from_grafana(&sa.role)),
                 _ => tracing::warn!(
                     account = principal.id,
@@ -386,8 +407,8 @@ fn identity(
     org_role: Role,
     grafana_admin: bool,
     method: AuthMethod,
-) -> Identity {
-    Identity {
+) -> Box<Identity> {
+    Box::new(Identity {
         principal,
         login,
         email,
@@ -399,7 +420,7 @@ fn identity(
         verified_at_ms: 0,
         expires_at_ms: 0,
         headers: Default::default(),
-    }
+    })
 }
 
 /// The whole cause chain of a client error: hyper's top-level message alone

@@ -168,7 +168,11 @@ impl Identity {
     /// Fills [`HeaderValues`]; called after construction and after reading the
     /// identity back from Redis.
     pub fn prepare_headers(&mut self) {
-        let value = |s: &str| (!s.is_empty()).then(|| HeaderValue::from_bytes(s.as_bytes()).ok()).flatten();
+        let value = |s: &str| {
+            (!s.is_empty())
+                .then(|| HeaderValue::from_bytes(s.as_bytes()).ok())
+                .flatten()
+        };
         self.headers = HeaderValues {
             user: value(&self.login),
             // Grafana's auth proxy takes org roles only.

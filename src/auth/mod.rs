@@ -23,7 +23,7 @@ pub enum DenyReason {
 /// The verifier's answer for a well-formed credential.
 #[derive(Debug, Clone)]
 pub enum Verdict {
-    Allowed(Identity),
+    Allowed(Box<Identity>),
     Denied(DenyReason),
 }
 
@@ -42,14 +42,16 @@ pub enum VerifyError {
 
 /// One of the configured ways of checking a credential.
 pub enum Verifier {
-    Grafana(grafana::GrafanaVerifier),
+    Grafana(Box<grafana::GrafanaVerifier>),
     Static(static_users::StaticVerifier),
 }
 
 impl Verifier {
     pub fn from_config(config: &Config) -> Result<Verifier, crate::Error> {
         Ok(match config.auth.verifier {
-            VerifierKind::Grafana => Verifier::Grafana(grafana::GrafanaVerifier::from_config(config)?),
+            VerifierKind::Grafana => {
+                Verifier::Grafana(Box::new(grafana::GrafanaVerifier::from_config(config)?))
+            }
             VerifierKind::Static => Verifier::Static(static_users::StaticVerifier::from_config(&config.auth)),
         })
     }

@@ -29,7 +29,9 @@ impl StaticVerifier {
     /// A password matches the entry of that login; a token matches any entry.
     pub fn verify(&self, credential: &Credential) -> Verdict {
         let (login, secret, method) = match credential {
-            Credential::Password { user, password } => (Some(user.as_str()), password.as_str(), AuthMethod::Password),
+            Credential::Password { user, password } => {
+                (Some(user.as_str()), password.as_str(), AuthMethod::Password)
+            }
             Credential::ApiKey { key, .. } => (None, key.as_str(), AuthMethod::ApiKey),
             Credential::ServiceToken { token, .. } => (None, token.as_str(), AuthMethod::ServiceToken),
             Credential::Session { token } => (None, token.as_str(), AuthMethod::Session),
@@ -47,7 +49,7 @@ impl StaticVerifier {
             return Verdict::Denied(DenyReason::Invalid);
         };
         let user = &self.users[i].0;
-        Verdict::Allowed(Identity {
+        Verdict::Allowed(Box::new(Identity {
             principal: Principal {
                 kind: PrincipalKind::User,
                 id: i as i64 + 1,
@@ -62,6 +64,6 @@ impl StaticVerifier {
             verified_at_ms: 0,
             expires_at_ms: 0,
             headers: Default::default(),
-        })
+        }))
     }
 }

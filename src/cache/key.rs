@@ -58,7 +58,10 @@ impl Keyer {
             if trimmed.len() < MIN_KEY_BYTES {
                 return Err(ConfigError::Key {
                     key: "cache.key_file".into(),
-                    reason: format!("holds {} bytes; at least {MIN_KEY_BYTES} are needed", trimmed.len()),
+                    reason: format!(
+                        "holds {} bytes; at least {MIN_KEY_BYTES} are needed",
+                        trimmed.len()
+                    ),
                 });
             }
             (trimmed, KeyOrigin::File)

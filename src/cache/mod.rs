@@ -104,7 +104,7 @@ impl Cache {
             Verdict::Allowed(mut identity) => {
                 identity.stamp(self.ttl, None);
                 let expires = identity.expires_at_ms;
-                (Outcome::Allowed(Arc::new(identity)), expires)
+                (Outcome::Allowed(Arc::from(identity)), expires)
             }
             Verdict::Denied(reason) => (
                 Outcome::Denied(reason),
@@ -131,7 +131,9 @@ impl Cache {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         self.local
-            .remove_matching(|p, _| p.kind == principal.kind && (principal.id == 0 || p.id == principal.id || p.id == 0))
+            .remove_matching(|p, _| {
+                p.kind == principal.kind && (principal.id == 0 || p.id == principal.id || p.id == 0)
+            })
             .len()
     }
 
@@ -157,7 +159,10 @@ impl Cache {
     /// Background purge of expired entries; stops when the cache is dropped.
     pub fn spawn_purger(self: &Arc<Self>) {
         let weak: Weak<Cache> = Arc::downgrade(self);
-        let period = self.negative_ttl.max(Duration::from_secs(1)).min(Duration::from_secs(30));
+        let period = self
+            .negative_ttl
+            .max(Duration::from_secs(1))
+            .min(Duration::from_secs(30));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
