@@ -54,6 +54,7 @@ SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 BASE=${BENCH_PORT_BASE:-18000}
 H2=${BENCH_H2:-0}
+H2_STREAMS=${BENCH_H2_STREAMS:-10}
 WRK_TIMEOUT=${BENCH_WRK_TIMEOUT:-10s}
 
 PORT_UPSTREAM=$((BASE + 80))
@@ -302,9 +303,14 @@ if [[ "$PEERS_ONLY" != 1 ]]; then
 
   log "filling L2: gateway A (with redis) verifies each of the $TOKENS tokens once"
   pc_start pc-l2a "$PORT_PC_L2A" "$PORT_PC_L2A_ADMIN" 100000 1
-  taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d600s --timeout "$WRK_TIMEOUT" -s "$BENCH_DIR/lua/tokens.lua" \
-    "https://127.0.0.1:$PORT_PC_L2A/" -- "$TOKENS_FILE" "Bearer " 0 once > "$RAW/l2-fill.txt" 2>&1
-  grep -q 'Non-2xx' "$RAW/l2-fill.txt" && die "L2 fill saw non-2xx responses: $RAW/l2-fill.txt"
+  fill=$RUN/l2-fill.curl; : > "$fill"
+  while read -r tok; do
+    [[ -s "$fill" ]] && echo next >> "$fill"
+    printf 'url = "https://127.0.0.1:%s/"\nheader = "Authorization: Bearer %s"\noutput = "/dev/null"\nwrite-out = "%%{http_code}\\n"\n' "$PORT_PC_L2A" "$tok" >> "$fill"
+  done < "$TOKENS_FILE"
+  curl -sk -K "$fill" > "$RAW/l2-fill.codes" || true
+  ok=$(grep -c '^200$' "$RAW/l2-fill.codes" || true)
+  ((ok == TOKENS)) || die "L2 fill: $ok of $TOKENS requests answered 200 ($RAW/l2-fill.codes)"
   L2_KEYS=$(redis-cli -p "$PORT_REDIS" dbsize)
   log "L2 filled: redis holds $L2_KEYS keys"
   note_rss portcullis-l2-fill "$(vmhwm_kib "${PID_OF[pc-l2a]}")"
@@ -316,12 +322,17 @@ ALL_CASES=(upstream-direct nginx-tls nginx-basic-sha nginx-basic-bcrypt haproxy-
            caddy-tls caddy-basic-bcrypt)
 [[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer portcullis-basic portcullis-cookie
                                           portcullis-cold portcullis-l2)
+if [[ "$H2" == 1 ]]; then
+  ALL_CASES+=(nginx-tls-h2 haproxy-tls-h2 caddy-tls-h2)
+  [[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer-h2)
+fi
 CASES=()
 for c in "${ALL_CASES[@]}"; do
-  if [[ -z "$ONLY" || "$c" == nginx-tls || "$c" =~ $ONLY ]]; then CASES+=("$c"); fi
+  if [[ -z "$ONLY" || "$c" == nginx-tls || "$c" == nginx-tls-h2 || "$c" =~ $ONLY ]]; then CASES+=("$c"); fi
 done
 
 describe() {
+  if [[ "$1" == *-h2 ]]; then echo "$(describe "${1%-h2}"), HTTP/2 (h2load -m $H2_STREAMS)"; return; fi
   case $1 in
     upstream-direct) echo "upstream nginx direct, plain HTTP (reference, no proxy)" ;;
     nginx-tls) echo "nginx TLS proxy, no auth (baseline)" ;;
@@ -341,7 +352,7 @@ describe() {
 # case_target NAME: sets URL, HDR (curl/wrk header args) and SCRIPT (wrk script args)
 case_target() {
   HDR=(); SCRIPT=()
-  case $1 in
+  case ${1%-h2} in
     upstream-direct) URL=http://127.0.0.1:$PORT_UPSTREAM/ ;;
     nginx-tls) URL=https://127.0.0.1:$PORT_NGINX_TLS/ ;;
     nginx-basic-sha) URL=https://127.0.0.1:$PORT_NGINX_SHA/; HDR=(-H "Authorization: Basic $BASIC_PEER_B64") ;;
@@ -358,9 +369,9 @@ case_target() {
     *) die "unknown case $1" ;;
   esac
 }
-case_needs_auth() { [[ "$1" != upstream-direct && "$1" != *-tls ]]; }
+case_needs_auth() { local n=${1%-h2}; [[ "$n" != upstream-direct && "$n" != *-tls ]]; }
 case_process() {  # which long-lived process serves the case (for peak RSS)
-  case $1 in
+  case ${1%-h2} in
     upstream-direct) echo upstream ;; nginx-*) echo nginx ;; haproxy-*) echo haproxy ;;
     caddy-*) echo caddy ;; portcullis-cold|portcullis-l2) echo "" ;; portcullis-*) echo pc ;;
   esac
@@ -384,11 +395,11 @@ pre_run() {  # pre_run CASE
       REDIS_HITS0=$(redis_stat keyspace_hits) ;;
   esac
 }
-post_run() {  # post_run CASE REQUESTS -> prints a note
+post_run() {  # post_run CASE REQUESTS WRK_OUTPUT -> prints a note
   case $1 in
     portcullis-cold)
       note_rss portcullis-cold "$(vmhwm_kib "${PID_OF[pc-cold]}")"; stop_name pc-cold
-      if (($2 > TOKENS)); then echo "WRAPPED:$2>$TOKENS"; else echo "distinct=$2"; fi ;;
+      if grep -q '^Once-Elapsed: [0-9]' "$3"; then echo "exhausted"; else echo "partial"; fi ;;
     portcullis-l2)
       local hits; hits=$(( $(redis_stat keyspace_hits) - REDIS_HITS0 ))
       note_rss portcullis-l2 "$(vmhwm_kib "${PID_OF[pc-l2b]}")"; stop_name pc-l2b
@@ -403,18 +414,34 @@ parse_wrk() {  # -> rps p50_ms p99_ms requests non2xx sock_errors
     function ms(v,   n, u) { n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
       if (u == "us") return n / 1000; if (u == "ms") return n; if (u == "s") return n * 1000
       if (u == "m") return n * 60000; if (u == "h") return n * 3600000; return n }
-    /Requests\/sec:/ { rps = $2 }
+    /^Requests\/sec:/ { rps = $2 }
+    /^Once-Requests\/sec:/ { once = $2 }
     /^ +50%/ { p50 = ms($2) }
     /^ +99%/ { p99 = ms($2) }
     / requests in / { req = $1 }
     /Non-2xx or 3xx responses:/ { n2 = $NF }
     /Socket errors:/ { gsub(",", ""); err = $4 + $6 + $8 + $10 }
-    END { printf "%s %.3f %.3f %d %d %d\n", (rps == "" ? 0 : rps), p50, p99, req, n2, err }' "$1"
+    END { if (once != "") rps = once
+          printf "%s %.3f %.3f %d %d %d\n", (rps == "" ? 0 : rps), p50, p99, req, n2, err }' "$1"
+}
+
+parse_h2load() {  # -> rps p50_ms(n/a: 0) p99_ms(n/a: 0) requests non2xx errors
+  awk '
+    /^finished in/ { gsub(",", ""); rps = $4 }
+    /^requests:/ { done = $8; failed = $10; errored = $12; timeout = $14 }
+    /^status codes:/ { gsub(",", ""); n2 = $5 + $7 + $9 }
+    END { printf "%s 0 0 %d %d %d\n", (rps == "" ? 0 : rps), done, n2, failed + errored + timeout }' "$1"
 }
 
 run_wrk() {  # run_wrk CASE C DURATION OUTFILE
   local name=$1 c=$2 d=$3 out=$4
   case_target "$name"
+  if [[ "$name" == *-h2 ]]; then
+    local hh=() h
+    for h in "${HDR[@]}"; do [[ "$h" == -H ]] || hh+=(-H "$h"); done
+    taskset -c "$CLIENT_CPU" h2load -t1 -c"$c" -m"$H2_STREAMS" -D"${d%s}" --warm-up-time=1 "${hh[@]}" "$URL" > "$out" 2>&1 || true
+    return
+  fi
   local sargs=()
   case $name in
     portcullis-cold) sargs=(-- "$TOKENS_FILE" "Bearer " "$(( (RUN_SEQ * 997) % TOKENS ))" once) ;;
@@ -430,6 +457,11 @@ SANITY_FAILED=()
 for name in "${CASES[@]}"; do
   case_target "$name"
   [[ "$name" == portcullis-cold || "$name" == portcullis-l2 ]] && continue
+  if [[ "$name" == *-h2 ]]; then
+    code=$(curl -sk --http2 -o /dev/null -w '%{http_code}/%{http_version}' --max-time 10 "${HDR[@]}" "$URL" || true)
+    [[ "$code" == 200/2 ]] || { log "  $name: expected 200 over HTTP/2, got $code"; SANITY_FAILED+=("$name"); }
+    continue
+  fi
   code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 "${HDR[@]}" "$URL" || true)
   [[ "$code" == 200 ]] || { log "  $name: expected 200 with credential, got $code"; SANITY_FAILED+=("$name"); }
   if case_needs_auth "$name"; then
@@ -454,7 +486,7 @@ fi
     port=${URL##*:}; port=${port%/}
     [[ "$name" == portcullis-cold || "$name" == portcullis-l2 ]] && continue
     printf '%-20s %s\n' "$name" "$(openssl s_client -connect "127.0.0.1:$port" -servername localhost </dev/null 2>/dev/null |
-      grep -E '^(New|    Protocol|    Cipher)' | tr -s ' \n' ' ')"
+      grep -m1 '^New,')"
   done
 } > "$OUT/tls.txt"
 
@@ -485,10 +517,11 @@ for ((rep = 1; rep <= REPS; rep++)); do
       out=$RAW/$name.c$c.r$rep.txt
       pre_run "$name"
       run_wrk "$name" "$c" "$DURATION" "$out"
-      read -r rps p50 p99 req n2 err < <(parse_wrk "$out")
-      note=$(post_run "$name" "$req")
+      if [[ "$name" == *-h2 ]]; then read -r rps p50 p99 req n2 err < <(parse_h2load "$out")
+      else read -r rps p50 p99 req n2 err < <(parse_wrk "$out"); fi
+      note=$(post_run "$name" "$req" "$out")
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "$note" >> "$RESULTS"
-      log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms${n2:+ non2xx=$n2}${note:+ $note}"
+      log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms$( ((n2 == 0)) || echo " NON-2XX=$n2")$( ((err == 0)) || echo " sockerr=$err")${note:+ $note}"
       sleep 0.5
     done
   done
@@ -514,8 +547,9 @@ TABLE=$OUT/table.md
   echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS | peak RSS | notes |"
   echo "|---|---:|---|---:|---:|---:|---:|---|"
   for c in $CONNS; do
-    base=$(col nginx-tls "$c" 4 | median)
+    base1=$(col nginx-tls "$c" 4 | median); base2=$(col nginx-tls-h2 "$c" 4 | median)
     for name in "${CASES[@]}"; do
+      base=$base1; [[ "$name" != *-h2 ]] || base=$base2
       rps=$(col "$name" "$c" 4 | median); mn=$(col "$name" "$c" 4 | sort -g | head -1); mx=$(col "$name" "$c" 4 | sort -g | tail -1)
       p50=$(col "$name" "$c" 5 | median); p99=$(col "$name" "$c" 6 | median)
       ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
@@ -525,8 +559,7 @@ TABLE=$OUT/table.md
       errs=$(col "$name" "$c" 9 | awk '{s += $1} END {print s + 0}'); ((errs == 0)) || notes+=("$errs socket errors")
       case $name in
         portcullis-cold)
-          col "$name" "$c" 10 | grep -q WRAPPED && notes+=("token list WRAPPED: raise BENCH_TOKENS")
-          notes+=("$(col "$name" "$c" 7 | median | cut -d. -f1) distinct tokens/run, fresh gateway") ;;
+          notes+=("$(col "$name" "$c" 7 | median | cut -d. -f1) distinct tokens/run (of $TOKENS), each sent once, fresh gateway") ;;
         portcullis-l2)
           hits=$(col "$name" "$c" 10 | sed 's/l2hits=//' | awk '{s += $1} END {print s + 0}')
           reqs=$(col "$name" "$c" 7 | awk '{s += $1} END {print s + 0}')
@@ -534,11 +567,12 @@ TABLE=$OUT/table.md
         portcullis-bearer|portcullis-basic|portcullis-cookie) notes+=("one gateway process") ;;
       esac
       n=$(IFS='; '; echo "${notes[*]:-}")
-      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $(fmt_ms "$p50") | $(fmt_ms "$p99") | $ratio | $rss | $n |"
+      if [[ "$name" == *-h2 ]]; then p50=-; p99=-; else p50=$(fmt_ms "$p50"); p99=$(fmt_ms "$p99"); fi
+      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $p50 | $p99 | $ratio | $rss | $n |"
     done
   done
   echo
-  echo "Ratios are medians of this run only, against nginx's plain TLS proxy at the same c. Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
+  echo "Ratios are medians of this run only, against nginx's plain TLS proxy at the same c (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
 } > "$TABLE"
 echo
 cat "$TABLE"
