@@ -193,16 +193,10 @@ impl InjectedHeaders {
     }
 
     fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
-        let values = &identity.headers;
-        for (name, value) in [
-            (&self.user, &values.user),
-            (&self.role, &values.role),
-            (&self.email, &values.email),
-            (&self.name, &values.name),
-            (&self.org, &values.org),
-        ] {
+        let names = [&self.user, &self.role, &self.email, &self.name, &self.org];
+        for (name, value) in names.into_iter().zip(identity.header_values()) {
             if let Some(value) = value {
-                headers.insert(name.clone(), value.clone());
+                headers.insert(name.clone(), value);
             }
         }
     }

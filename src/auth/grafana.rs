@@ -419,7 +419,6 @@ fn identity(
         method,
         verified_at_ms: 0,
         expires_at_ms: 0,
-        headers: Default::default(),
     })
 }
 

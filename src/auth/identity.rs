@@ -120,18 +120,6 @@ pub struct Identity {
     /// Milliseconds since the epoch; wall-clock so replicas agree.
     pub verified_at_ms: u64,
     pub expires_at_ms: u64,
-    /// Ready-made header values so a cache hit copies no strings.
-    #[serde(skip)]
-    pub headers: HeaderValues,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct HeaderValues {
-    pub user: Option<HeaderValue>,
-    pub role: Option<HeaderValue>,
-    pub email: Option<HeaderValue>,
-    pub name: Option<HeaderValue>,
-    pub org: Option<HeaderValue>,
 }
 
 pub fn now_ms() -> u64 {
@@ -162,25 +150,21 @@ impl Identity {
         self.verified_at_ms = now;
         let by_ttl = now.saturating_add(ttl.as_millis() as u64);
         self.expires_at_ms = own_expiry_ms.map_or(by_ttl, |e| e.min(by_ttl));
-        self.prepare_headers();
     }
 
-    /// Fills [`HeaderValues`]; called after construction and after reading the
-    /// identity back from Redis.
-    pub fn prepare_headers(&mut self) {
-        let value = |s: &str| {
-            (!s.is_empty())
-                .then(|| HeaderValue::from_bytes(s.as_bytes()).ok())
-                .flatten()
-        };
-        self.headers = HeaderValues {
-            user: value(&self.login),
+    /// Values of the identity headers (user, role, email, name, org), made per
+    /// request: keeping them ready would double the memory of every cached
+    /// identity for a saving of a few small copies.
+    pub fn header_values(&self) -> [Option<HeaderValue>; 5] {
+        let text = |s: &str| (!s.is_empty()).then(|| HeaderValue::from_bytes(s.as_bytes()).ok()).flatten();
+        [
+            text(&self.login),
             // Grafana's auth proxy takes org roles only.
-            role: value(self.org_role.as_str()),
-            email: value(&self.email),
-            name: value(&self.name),
-            org: Some(HeaderValue::from(self.org_id)),
-        };
+            Some(HeaderValue::from_static(self.org_role.as_str())),
+            text(&self.email),
+            text(&self.name),
+            Some(HeaderValue::from(self.org_id)),
+        ]
     }
 
     pub fn remaining(&self, now_ms: u64) -> Duration {

@@ -63,7 +63,6 @@ impl StaticVerifier {
             method,
             verified_at_ms: 0,
             expires_at_ms: 0,
-            headers: Default::default(),
         }))
     }
 }
