@@ -234,7 +234,7 @@ impl GrafanaVerifier {
                     } else {
                         sa.login
                     };
-                    return Ok(Verdict::Allowed(identity(
+                    let mut found = identity(
                         Principal {
                             kind: PrincipalKind::ServiceAccount,
                             id: sa.id,
@@ -246,7 +246,9 @@ impl GrafanaVerifier {
                         Role::from_grafana(&sa.role),
                         false,
                         method,
-                    )));
+                    );
+                    found.expires_at_ms = self.earliest_token_expiry(found.principal).await.unwrap_or(0);
+                    return Ok(Verdict::Allowed(found));
                 }
                 // A valid credential that is not a service account (a legacy
                 // key on an older PMM): learn what vanilla Grafana tells.
@@ -303,16 +305,45 @@ impl GrafanaVerifier {
             },
         };
         let role = self.token_role(principal).await?;
-        Ok(Verdict::Allowed(identity(
-            principal,
-            login,
-            String::new(),
-            name,
-            org_id,
-            role,
-            false,
-            method,
-        )))
+        let mut found = identity(principal, login, String::new(), name, org_id, role, false, method);
+        found.expires_at_ms = self.earliest_token_expiry(principal).await.unwrap_or(0);
+        Ok(Verdict::Allowed(found))
+    }
+
+    /// A token must not outlive its own expiry in the cache. Grafana does not
+    /// say which of an account's tokens was presented, so with an admin
+    /// credential the earliest expiry among the account's live tokens is used:
+    /// never later than the presented token's own.
+    async fn earliest_token_expiry(&self, principal: Principal) -> Option<u64> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct TokenInfo {
+            #[serde(default)]
+            seconds_until_expiration: Option<f64>,
+            #[serde(default)]
+            has_expired: bool,
+            #[serde(default)]
+            is_revoked: bool,
+        }
+        let admin = self.admin_authorization.as_ref()?;
+        if principal.kind != PrincipalKind::ServiceAccount || principal.id <= 0 {
+            return None;
+        }
+        let path = format!("/api/serviceaccounts/{}/tokens", principal.id);
+        let Ok(Answer::Ok(tokens)) = self
+            .get_path::<Vec<TokenInfo>>(&path, &(AUTHORIZATION, admin.clone()))
+            .await
+        else {
+            return None;
+        };
+        let now = super::identity::now_ms();
+        tokens
+            .iter()
+            .filter(|t| !t.has_expired && !t.is_revoked)
+            .filter_map(|t| t.seconds_until_expiration)
+            .filter(|s| *s > 0.0)
+            .map(|s| now.saturating_add((s * 1000.0) as u64))
+            .min()
     }
 
     /// The role of a vanilla token: read with the admin credential when there
