@@ -1,1 +1,434 @@
-pub fn placeholder() {}
+//! A Grafana / PMM stand-in for Portcullis' tests: the upstream the gateway
+//! forwards to and the judge it asks about credentials. It follows
+//! `shared/GRAFANA.md` to the letter — credential formats, PBKDF2 costs,
+//! answers and status codes — so that the gateway is tested against what a
+//! real Grafana does, not against what the gateway expects.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use grafana_stub::{Flavor, GrafanaStub};
+//! let stub = GrafanaStub::start(Flavor::Pmm).await;
+//! let sa = stub.add_service_account("pmm-agent", "Admin");
+//! let (_id, token) = stub.add_sa_token(sa, "agent", None);
+//! println!("{} {token}", stub.url());
+//! # }
+//! ```
+
+mod auth;
+mod clock;
+pub mod credentials;
+mod handlers;
+mod server;
+mod store;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::credentials::{LegacyKey, SaToken};
+use crate::store::{Role, Store};
+
+pub use crate::store::{ORG_ID, ORG_NAME};
+
+/// Which Grafana the stand-in imitates; they differ in how tokens can ask
+/// who they are (GRAFANA.md, "Asking Grafana who a credential is").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Flavor {
+    /// PMM 3's Grafana 11: `/api/auth/serviceaccount`, `pmm_session`, the
+    /// `/v1/…` API of pmm-managed, legacy keys migrated to service accounts.
+    #[default]
+    Pmm,
+    /// Vanilla Grafana 11.x: `/api/user` names a token's service account.
+    Grafana11,
+    /// Vanilla Grafana 10.4: `/api/user` refuses tokens with 403.
+    Grafana10_4,
+}
+
+impl Flavor {
+    pub fn default_session_cookie(self) -> &'static str {
+        match self {
+            Flavor::Pmm => "pmm_session",
+            Flavor::Grafana11 | Flavor::Grafana10_4 => "grafana_session",
+        }
+    }
+
+    /// The Grafana version `/api/health` reports.
+    pub fn grafana_version(self) -> &'static str {
+        match self {
+            Flavor::Pmm => "11.6.3",
+            Flavor::Grafana11 => "11.6.3",
+            Flavor::Grafana10_4 => "10.4.19",
+        }
+    }
+}
+
+impl FromStr for Flavor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Flavor, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "pmm" => Ok(Flavor::Pmm),
+            "grafana11" | "grafana-11" | "11" => Ok(Flavor::Grafana11),
+            "grafana10.4" | "grafana-10.4" | "grafana10_4" | "10.4" => Ok(Flavor::Grafana10_4),
+            other => Err(format!(
+                "unknown flavor {other:?} (pmm | grafana11 | grafana10.4)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Flavor::Pmm => "pmm",
+            Flavor::Grafana11 => "grafana11",
+            Flavor::Grafana10_4 => "grafana10.4",
+        })
+    }
+}
+
+/// How to start a stand-in; `..StubOptions::default()` fills the rest.
+#[derive(Debug, Clone)]
+pub struct StubOptions {
+    pub flavor: Flavor,
+    /// `127.0.0.1:0` by default: a free port.
+    pub listen: SocketAddr,
+    /// Session cookie name; the flavor's default when `None`.
+    pub session_cookie: Option<String>,
+    /// Grafana's `secret_key`, which salts session-token hashes.
+    pub secret_key: String,
+    /// Password of the seeded `admin` user.
+    pub admin_password: String,
+    /// `[auth.proxy]`: trust `X-WEBAUTH-USER` / `-ROLE` / `-EMAIL` / `-NAME`,
+    /// only from a loopback peer (the whitelist).
+    pub auth_proxy: bool,
+    /// Turn legacy API keys into service accounts, as PMM 3 does; `None`
+    /// means "as the flavor does" (PMM only).
+    pub migrate_api_keys: Option<bool>,
+}
+
+impl Default for StubOptions {
+    fn default() -> StubOptions {
+        StubOptions {
+            flavor: Flavor::default(),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            session_cookie: None,
+            secret_key: "SW2YcwTIb9zpOOhoPsMm".to_owned(),
+            admin_password: "admin".to_owned(),
+            auth_proxy: false,
+            migrate_api_keys: None,
+        }
+    }
+}
+
+/// Options with the flavor's defaults applied.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub flavor: Flavor,
+    pub session_cookie: String,
+    pub secret_key: String,
+    pub auth_proxy: bool,
+    pub migrate_api_keys: bool,
+}
+
+/// Everything the server tasks and the test hooks share.
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub store: Mutex<Store>,
+    pub clock: Clock,
+    pub verifications: AtomicU64,
+    pub calls: Mutex<HashMap<String, u64>>,
+    pub unavailable: AtomicBool,
+    pub delay: Mutex<Option<Duration>>,
+}
+
+impl Shared {
+    /// A poisoned lock only means a panic elsewhere (a failing test); the
+    /// data is still consistent enough for a stand-in.
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+}
+
+/// A running stand-in. Every method takes `&self`, so tests can share it in
+/// an `Arc`. Dropping it stops the server.
+pub struct GrafanaStub {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn parse_role(role: &str) -> Role {
+    Role::parse(role)
+        .unwrap_or_else(|| panic!("unknown Grafana role {role:?} (Viewer | Editor | Admin | None)"))
+}
+
+impl GrafanaStub {
+    /// Starts a stand-in of `flavor` on a free port of 127.0.0.1.
+    pub async fn start(flavor: Flavor) -> GrafanaStub {
+        GrafanaStub::start_with(StubOptions {
+            flavor,
+            ..StubOptions::default()
+        })
+        .await
+    }
+
+    /// Starts a stand-in; panics when the address cannot be bound (tests).
+    pub async fn start_with(options: StubOptions) -> GrafanaStub {
+        let listen = options.listen;
+        GrafanaStub::try_start_with(options)
+            .await
+            .unwrap_or_else(|e| panic!("grafana stub cannot listen on {listen}: {e}"))
+    }
+
+    pub async fn try_start_with(options: StubOptions) -> std::io::Result<GrafanaStub> {
+        let listener = tokio::net::TcpListener::bind(options.listen).await?;
+        let addr = listener.local_addr()?;
+        let settings = Settings {
+            flavor: options.flavor,
+            session_cookie: options
+                .session_cookie
+                .unwrap_or_else(|| options.flavor.default_session_cookie().to_owned()),
+            secret_key: options.secret_key,
+            auth_proxy: options.auth_proxy,
+            migrate_api_keys: options.migrate_api_keys.unwrap_or(options.flavor == Flavor::Pmm),
+        };
+        let clock = Clock::default();
+        let mut store = Store::new();
+        // A fresh Grafana: admin/admin, org Admin and server admin.
+        let salt = credentials::random_alphanumeric(10);
+        let hash = credentials::encode_password(&options.admin_password, &salt);
+        let now = clock.now();
+        store
+            .insert_user("admin", "admin@localhost", "", salt, hash, Role::Admin, true, now)
+            .map_err(|_| std::io::Error::other("cannot seed admin"))?;
+        let shared = Arc::new(Shared {
+            settings,
+            store: Mutex::new(store),
+            clock,
+            verifications: AtomicU64::new(0),
+            calls: Mutex::new(HashMap::new()),
+            unavailable: AtomicBool::new(false),
+            delay: Mutex::new(None),
+        });
+        let (shutdown, signal) = watch::channel(false);
+        let task = tokio::spawn(server::run(listener, Arc::clone(&shared), signal));
+        Ok(GrafanaStub {
+            shared,
+            addr,
+            shutdown,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.shared.settings.flavor
+    }
+
+    pub fn session_cookie_name(&self) -> String {
+        self.shared.settings.session_cookie.clone()
+    }
+
+    /// Adds a user in the org with `role` ("Viewer", "Editor", "Admin" or
+    /// "None"); email `<login>@example.com`. Returns the user id.
+    pub fn add_user(&self, login: &str, password: &str, role: &str, grafana_admin: bool) -> i64 {
+        let role = parse_role(role);
+        let salt = credentials::random_alphanumeric(10);
+        let hash = credentials::encode_password(password, &salt);
+        let now = self.shared.now();
+        self.shared
+            .store()
+            .insert_user(
+                login,
+                &format!("{login}@example.com"),
+                login,
+                salt,
+                hash,
+                role,
+                grafana_admin,
+                now,
+            )
+            .unwrap_or_else(|_| panic!("user {login:?} already exists"))
+    }
+
+    /// Creates a legacy API key; returns its id and the key string.
+    pub fn add_api_key(&self, name: &str, role: &str, seconds_to_live: Option<i64>) -> (i64, String) {
+        let role = parse_role(role);
+        let key = LegacyKey::generate(ORG_ID, name);
+        let now = self.shared.now();
+        let expires = seconds_to_live.filter(|s| *s > 0).map(|s| now + s);
+        let mut store = self.shared.store();
+        assert!(
+            !store.legacy_key_name_taken(ORG_ID, name),
+            "API key {name:?} already exists"
+        );
+        let id = store.add_legacy_key(&key, role, expires, self.shared.settings.migrate_api_keys, now);
+        (id, key.encode())
+    }
+
+    /// Registers an exact legacy key string (a seed document's), decoded the
+    /// way Go decodes it. Returns the key id.
+    pub fn add_api_key_exact(&self, key: &str, role: &str) -> i64 {
+        let role = parse_role(role);
+        let decoded = LegacyKey::decode(key)
+            .unwrap_or_else(|| panic!("{key:?} is not a legacy API key Grafana could decode"));
+        let now = self.shared.now();
+        let mut store = self.shared.store();
+        assert!(
+            !store.legacy_key_name_taken(decoded.org_id, &decoded.name),
+            "API key {:?} already exists",
+            decoded.name
+        );
+        store.add_legacy_key(&decoded, role, None, self.shared.settings.migrate_api_keys, now)
+    }
+
+    /// Adds a service account (login `sa-<name>`); returns its id.
+    pub fn add_service_account(&self, name: &str, role: &str) -> i64 {
+        let role = parse_role(role);
+        let now = self.shared.now();
+        self.shared
+            .store()
+            .insert_service_account(name, &store::service_account_login(name), role, false, now)
+            .unwrap_or_else(|_| panic!("service account {name:?} already exists"))
+            .id
+    }
+
+    /// Adds a `glsa_` token to a service account; returns its id and the token.
+    pub fn add_sa_token(&self, sa_id: i64, name: &str, seconds_to_live: Option<i64>) -> (i64, String) {
+        let token = SaToken::generate();
+        let now = self.shared.now();
+        let expires = seconds_to_live.filter(|s| *s > 0).map(|s| now + s);
+        let mut store = self.shared.store();
+        assert!(
+            store.service_accounts.contains_key(&sa_id),
+            "no service account {sa_id}"
+        );
+        let id = store.add_sa_token(sa_id, name, &token, expires, now);
+        (id, token.encode())
+    }
+
+    /// Logs in like `POST /login` (same checks, same lock-out) and returns
+    /// the session cookie's value.
+    pub fn login(&self, login: &str, password: &str) -> Option<String> {
+        let user_id = auth::check_password_blocking(&self.shared, login, password).ok()?;
+        let (token, _) = auth::create_session(&self.shared, user_id, "127.0.0.1", "grafana-stub");
+        Some(token)
+    }
+
+    /// Requests received on the identity endpoints: `/api/user`,
+    /// `/api/user/orgs`, `/api/org`, `/api/auth/serviceaccount` and
+    /// `GET /api/serviceaccounts/:id`.
+    pub fn verifications(&self) -> u64 {
+        self.shared.verifications.load(Ordering::SeqCst)
+    }
+
+    /// Requests received whose path starts with `path_prefix`.
+    pub fn calls(&self, path_prefix: &str) -> u64 {
+        let calls = self.shared.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        calls
+            .iter()
+            .filter(|(path, _)| path.starts_with(path_prefix))
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    pub fn reset_counters(&self) {
+        self.shared.verifications.store(0, Ordering::SeqCst);
+        self.shared
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// "Grafana down": every request answers 503.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.shared.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// Delays every response (time-out tests).
+    pub fn set_delay(&self, delay: Option<Duration>) {
+        *self.shared.delay.lock().unwrap_or_else(PoisonError::into_inner) = delay;
+    }
+
+    /// Moves the stand-in's clock forward: expiry, session lifetimes and the
+    /// lock-out window all follow it.
+    pub fn advance_clock(&self, by: Duration) {
+        self.shared.clock.advance(by);
+    }
+
+    pub fn set_user_disabled(&self, user_id: i64, disabled: bool) -> bool {
+        let mut store = self.shared.store();
+        let Some(user) = store.users.get_mut(&user_id) else {
+            return false;
+        };
+        user.disabled = disabled;
+        if disabled {
+            store.revoke_user_sessions(user_id);
+        }
+        true
+    }
+
+    /// Revokes a token or key in place (Grafana's `is_revoked`, set when a
+    /// token is found leaked): it then answers "Revoked API key".
+    pub fn revoke_key(&self, key_id: i64) -> bool {
+        match self.shared.store().keys.get_mut(&key_id) {
+            Some(key) => {
+                key.is_revoked = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes the listener and every open connection: the port then refuses.
+    pub async fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        let task = self.task.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for GrafanaStub {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        // Aborting drops the accept loop, its listener and (through the
+        // JoinSet) every connection task.
+        if let Some(task) = self.task.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            task.abort();
+        }
+    }
+}
+
+impl fmt::Debug for GrafanaStub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrafanaStub")
+            .field("addr", &self.addr)
+            .field("flavor", &self.shared.settings.flavor)
+            .finish_non_exhaustive()
+    }
+}

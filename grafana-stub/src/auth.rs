@@ -1,0 +1,504 @@
+//! Who is calling: Grafana's authn clients in their order — API key / token
+//! (Bearer, or Basic with user `api_key`), Basic password, auth proxy,
+//! session cookie — with Grafana's answers when they fail. PBKDF2 runs on the
+//! blocking pool and never under the store lock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{AUTHORIZATION, COOKIE};
+use http::{HeaderMap, StatusCode};
+use serde_json::{json, Value};
+
+use crate::credentials::{self, LegacyKey, SaToken, GRAFANA_PREFIX};
+use crate::store::{Role, Session, ORG_ID};
+use crate::Shared;
+
+/// The identity behind a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal {
+    /// A user; `session` is the session token id when a cookie was used.
+    User { id: i64, session: Option<i64> },
+    /// A service account, through one of its tokens (or a migrated key).
+    ServiceAccount { id: i64, key_id: i64 },
+    /// A legacy API key that belongs to no service account.
+    ApiKey { key_id: i64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub principal: Principal,
+    pub org_role: Role,
+    pub grafana_admin: bool,
+}
+
+impl Caller {
+    pub fn user_id(&self) -> Option<i64> {
+        match self.principal {
+            Principal::User { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// An error answer: status and JSON body, optionally clearing the session
+/// cookie (Grafana does so when a session token is invalid).
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: Value,
+    pub clear_session: bool,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: &str) -> ApiError {
+        ApiError {
+            status,
+            body: json!({ "message": message }),
+            clear_session: false,
+        }
+    }
+
+    /// Grafana's `errutil` public error, as `writeErrOrFallback` renders it.
+    pub fn authn(status: StatusCode, message_id: &str, message: &str) -> ApiError {
+        ApiError {
+            status,
+            body: json!({
+                "message": message,
+                "messageId": message_id,
+                "statusCode": status.as_u16(),
+                "traceID": "",
+            }),
+            clear_session: false,
+        }
+    }
+
+    /// No usable credential: the middleware's fallback.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized")
+    }
+
+    pub fn forbidden() -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "Permission denied")
+    }
+
+    fn invalid_api_key() -> ApiError {
+        ApiError::authn(StatusCode::UNAUTHORIZED, "api-key.invalid", "Invalid API key")
+    }
+
+    fn expired_api_key() -> ApiError {
+        ApiError::authn(StatusCode::UNAUTHORIZED, "api-key.expired", "Expired API key")
+    }
+
+    fn revoked_api_key() -> ApiError {
+        ApiError::authn(StatusCode::UNAUTHORIZED, "api-key.revoked", "Revoked API key")
+    }
+
+    fn disabled_service_account() -> ApiError {
+        ApiError::authn(
+            StatusCode::UNAUTHORIZED,
+            "service-account.disabled",
+            "Disabled service account",
+        )
+    }
+
+    /// Also what a disabled user gets: Grafana does not reveal the status.
+    pub fn password_failed() -> ApiError {
+        ApiError::authn(
+            StatusCode::UNAUTHORIZED,
+            "password-auth.failed",
+            "Invalid username or password",
+        )
+    }
+
+    fn login_blocked() -> ApiError {
+        ApiError::authn(
+            StatusCode::UNAUTHORIZED,
+            "login-attempt.blocked",
+            "Invalid username or password",
+        )
+    }
+
+    fn session_invalid() -> ApiError {
+        ApiError {
+            clear_session: true,
+            ..ApiError::unauthorized()
+        }
+    }
+
+    fn session_needs_rotation() -> ApiError {
+        ApiError::authn(StatusCode::UNAUTHORIZED, "session.token.rotate", "Unauthorized")
+    }
+}
+
+/// Runs PBKDF2 (or any CPU-heavy closure) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Authenticates a request. `Ok(None)`: no credential at all; `Err`: the
+/// first failing client's answer, as Grafana reports the first error.
+pub async fn authenticate(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Option<Caller>, ApiError> {
+    let mut first_error: Option<ApiError> = None;
+
+    if let Some(header) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        if let Some(token) = header.strip_prefix("Bearer ") {
+            match api_key(shared, token).await {
+                Ok(caller) => return Ok(Some(caller)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        } else if let Some((user, password)) = credentials::decode_basic(header) {
+            if user == "api_key" {
+                match api_key(shared, &password).await {
+                    Ok(caller) => return Ok(Some(caller)),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            // Grafana tries the Basic client too (and so counts the failure
+            // against the username — even `api_key` or `service_token`).
+            match check_password(shared, &user, &password).await {
+                Ok(user_id) => return Ok(Some(user_caller(shared, user_id, None)?)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    if shared.settings.auth_proxy && peer.ip().is_loopback() {
+        if let Some(caller) = auth_proxy(shared, headers) {
+            return Ok(Some(caller));
+        }
+    }
+
+    if let Some(token) = cookie(headers, &shared.settings.session_cookie) {
+        match session(shared, &token) {
+            Ok(caller) => return Ok(Some(caller)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
+}
+
+/// The value of the first cookie called `name` (Go's `Request.Cookie`).
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn user_caller(shared: &Shared, user_id: i64, session: Option<i64>) -> Result<Caller, ApiError> {
+    let store = shared.store();
+    let user = store.users.get(&user_id).ok_or_else(ApiError::unauthorized)?;
+    Ok(Caller {
+        principal: Principal::User { id: user_id, session },
+        org_role: user.org_role.unwrap_or(Role::None),
+        grafana_admin: user.grafana_admin,
+    })
+}
+
+// ---- API keys and service-account tokens -----------------------------------
+
+async fn api_key(shared: &Arc<Shared>, token: &str) -> Result<Caller, ApiError> {
+    let key_id = if token.starts_with(GRAFANA_PREFIX) {
+        // A bad shape or checksum is refused before any lookup.
+        let decoded = SaToken::decode(token).ok_or_else(ApiError::invalid_api_key)?;
+        let hash = blocking(move || decoded.hash()).await;
+        let store = shared.store();
+        store
+            .token_by_hash(&hash)
+            .map(|k| k.id)
+            .ok_or_else(ApiError::invalid_api_key)?
+    } else {
+        let decoded = LegacyKey::decode(token).ok_or_else(ApiError::invalid_api_key)?;
+        let (key_id, stored) = {
+            let store = shared.store();
+            let key = store
+                .legacy_key(decoded.org_id, &decoded.name)
+                .ok_or_else(ApiError::invalid_api_key)?;
+            (key.id, key.hash.clone())
+        };
+        let hash = blocking(move || decoded.hash()).await;
+        if !credentials::constant_time_eq(&hash, &stored) {
+            return Err(ApiError::invalid_api_key());
+        }
+        key_id
+    };
+
+    let now = shared.now();
+    let mut store = shared.store();
+    // Looked up again: it may have been deleted while PBKDF2 ran.
+    let key = store
+        .keys
+        .get_mut(&key_id)
+        .ok_or_else(ApiError::invalid_api_key)?;
+    if key.has_expired(now) {
+        return Err(ApiError::expired_api_key());
+    }
+    if key.is_revoked {
+        return Err(ApiError::revoked_api_key());
+    }
+    if key.org_id != ORG_ID {
+        return Err(ApiError::authn(
+            StatusCode::UNAUTHORIZED,
+            "api-key.organization-mismatch",
+            "API key does not belong to the requested organization",
+        ));
+    }
+    key.last_used = Some(now);
+    let (role, sa_id) = (key.role, key.service_account_id);
+    match sa_id {
+        None => Ok(Caller {
+            principal: Principal::ApiKey { key_id },
+            org_role: role,
+            grafana_admin: false,
+        }),
+        Some(sa_id) => {
+            let sa = store
+                .service_accounts
+                .get(&sa_id)
+                .ok_or_else(ApiError::invalid_api_key)?;
+            if sa.disabled {
+                return Err(ApiError::disabled_service_account());
+            }
+            Ok(Caller {
+                principal: Principal::ServiceAccount { id: sa_id, key_id },
+                org_role: sa.role,
+                grafana_admin: false,
+            })
+        }
+    }
+}
+
+// ---- passwords -------------------------------------------------------------
+
+/// What a password check needs from the store, copied out of the lock.
+enum Candidate {
+    Locked,
+    Unknown,
+    Found { id: i64, salt: String, stored: String },
+}
+
+fn candidate(shared: &Shared, login: &str) -> Candidate {
+    let now = shared.now();
+    let mut store = shared.store();
+    if store.is_locked(login, now) {
+        return Candidate::Locked;
+    }
+    match store.user_by_login_or_email(login) {
+        Some(u) => Candidate::Found {
+            id: u.id,
+            salt: u.salt.clone(),
+            stored: u.password_hash.clone(),
+        },
+        None => {
+            // GRAFANA.md: every failed login counts, known user or not.
+            store.record_failed_login(login, now);
+            Candidate::Unknown
+        }
+    }
+}
+
+/// After the hash comparison: count a failure, or clear the count.
+fn conclude(shared: &Shared, login: &str, id: i64, matched: bool) -> Result<i64, ApiError> {
+    let now = shared.now();
+    let mut store = shared.store();
+    if !matched {
+        store.record_failed_login(login, now);
+        return Err(ApiError::password_failed());
+    }
+    let user = store.users.get(&id).ok_or_else(ApiError::password_failed)?;
+    if user.disabled {
+        return Err(ApiError::password_failed());
+    }
+    store.reset_failed_logins(login);
+    Ok(id)
+}
+
+/// Grafana's password client: lock-out first, then PBKDF2. Returns the user id.
+pub async fn check_password(shared: &Arc<Shared>, login: &str, password: &str) -> Result<i64, ApiError> {
+    if password.is_empty() {
+        return Err(ApiError::password_failed());
+    }
+    match candidate(shared, login) {
+        Candidate::Locked => Err(ApiError::login_blocked()),
+        Candidate::Unknown => Err(ApiError::password_failed()),
+        Candidate::Found { id, salt, stored } => {
+            let password = password.to_owned();
+            let hash = blocking(move || credentials::encode_password(&password, &salt)).await;
+            conclude(shared, login, id, credentials::constant_time_eq(&hash, &stored))
+        }
+    }
+}
+
+/// The same check for the synchronous test hooks.
+pub fn check_password_blocking(shared: &Shared, login: &str, password: &str) -> Result<i64, ApiError> {
+    if password.is_empty() {
+        return Err(ApiError::password_failed());
+    }
+    match candidate(shared, login) {
+        Candidate::Locked => Err(ApiError::login_blocked()),
+        Candidate::Unknown => Err(ApiError::password_failed()),
+        Candidate::Found { id, salt, stored } => {
+            let hash = credentials::encode_password(password, &salt);
+            conclude(shared, login, id, credentials::constant_time_eq(&hash, &stored))
+        }
+    }
+}
+
+/// Verifies a user's current password (for `PUT /api/user/password`),
+/// without lock-out bookkeeping.
+pub async fn verify_user_password(shared: &Arc<Shared>, user_id: i64, password: &str) -> bool {
+    let Some((salt, stored)) = shared
+        .store()
+        .users
+        .get(&user_id)
+        .map(|u| (u.salt.clone(), u.password_hash.clone()))
+    else {
+        return false;
+    };
+    let password = password.to_owned();
+    let hash = blocking(move || credentials::encode_password(&password, &salt)).await;
+    credentials::constant_time_eq(&hash, &stored)
+}
+
+/// A new salt and hash for a password, computed off the async workers.
+pub async fn hash_new_password(password: &str) -> (String, String) {
+    let password = password.to_owned();
+    blocking(move || {
+        let salt = credentials::random_alphanumeric(10);
+        let hash = credentials::encode_password(&password, &salt);
+        (salt, hash)
+    })
+    .await
+}
+
+// ---- sessions --------------------------------------------------------------
+
+/// Creates a session; returns the cookie value and the session id.
+pub fn create_session(shared: &Shared, user_id: i64, ip: &str, user_agent: &str) -> (String, i64) {
+    let token = credentials::random_hex(16);
+    let hash = credentials::hash_session_token(&token, &shared.settings.secret_key);
+    let now = shared.now();
+    let id = shared.store().create_session(user_id, hash, ip, user_agent, now);
+    (token, id)
+}
+
+/// Finds a live session for a cookie value (current or previous token).
+pub fn live_session(shared: &Shared, token: &str) -> Option<Session> {
+    let hash = credentials::hash_session_token(token, &shared.settings.secret_key);
+    let now = shared.now();
+    let store = shared.store();
+    let session = store.session_by_hash(&hash)?;
+    if session.expired(now) {
+        return None;
+    }
+    let user = store.users.get(&session.user_id)?;
+    (!user.disabled).then(|| session.clone())
+}
+
+fn session(shared: &Shared, token: &str) -> Result<Caller, ApiError> {
+    let session = live_session(shared, token).ok_or_else(ApiError::session_invalid)?;
+    let now = shared.now();
+    // Grafana 10+ rotates on the client side: a token past its rotation time
+    // is refused until the browser calls /api/user/auth-tokens/rotate.
+    if session.needs_rotation(now) {
+        return Err(ApiError::session_needs_rotation());
+    }
+    if let Some(s) = shared.store().sessions.get_mut(&session.id) {
+        s.seen_at = now;
+    }
+    user_caller(shared, session.user_id, Some(session.id))
+}
+
+// ---- auth proxy --------------------------------------------------------------
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// `[auth.proxy]` with `auto_sign_up`: the proxy names the user and its role.
+fn auth_proxy(shared: &Shared, headers: &HeaderMap) -> Option<Caller> {
+    let login = header(headers, "x-webauth-user")?;
+    let role = header(headers, "x-webauth-role").and_then(Role::parse);
+    let now = shared.now();
+    let mut store = shared.store();
+    let id = match store.user_by_login(login).map(|u| u.id) {
+        Some(id) => id,
+        None => {
+            let email = header(headers, "x-webauth-email").unwrap_or(login);
+            let name = header(headers, "x-webauth-name").unwrap_or(login);
+            // Proxy users have no usable password.
+            let salt = credentials::random_alphanumeric(10);
+            store
+                .insert_user(
+                    login,
+                    email,
+                    name,
+                    salt,
+                    String::new(),
+                    role.unwrap_or(Role::Viewer),
+                    false,
+                    now,
+                )
+                .ok()?
+        }
+    };
+    let user = store.users.get_mut(&id)?;
+    if user.disabled {
+        return None;
+    }
+    if let Some(role) = role {
+        user.org_role = Some(role);
+    }
+    Some(Caller {
+        principal: Principal::User { id, session: None },
+        org_role: user.org_role.unwrap_or(Role::None),
+        grafana_admin: user.grafana_admin,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_parsing_like_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            COOKIE,
+            "theme=dark; grafana_session=abc; grafana_session=def"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(cookie(&headers, "grafana_session").as_deref(), Some("abc"));
+        assert_eq!(cookie(&headers, "pmm_session"), None);
+    }
+}

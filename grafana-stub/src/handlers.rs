@@ -1,0 +1,1295 @@
+//! The HTTP surface: Grafana's identity and management endpoints as
+//! GRAFANA.md lists them, `/login` and `/logout`, pmm-managed's version
+//! endpoint, and an echo for everything the gateway merely proxies.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, LOCATION, SET_COOKIE, USER_AGENT};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::auth::{self, ApiError, Caller, Principal};
+use crate::clock::rfc3339;
+use crate::credentials::{LegacyKey, SaToken};
+use crate::store::{self, ApiKey, Conflict, Role, ServiceAccount, Session, User, ORG_ID, ORG_NAME};
+use crate::{Flavor, Shared};
+
+pub type Body = Full<Bytes>;
+
+/// Request bodies larger than this are refused (the stand-in never needs more).
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+pub async fn handle(shared: Arc<Shared>, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    count(&shared, request.method(), &path);
+
+    let delay = *shared.delay.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    if shared.unavailable.load(Ordering::SeqCst) {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"message": "Service unavailable"}),
+        );
+    }
+
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return error_response(
+                &shared,
+                ApiError::new(StatusCode::BAD_REQUEST, "bad request data"),
+            )
+        }
+    };
+    let req = Req {
+        method: parts.method,
+        path,
+        query: parts.uri.query().map(str::to_owned),
+        version: parts.version,
+        headers: parts.headers,
+        body,
+        peer,
+    };
+    match dispatch(&shared, &req).await {
+        Ok(response) => response,
+        Err(e) => error_response(&shared, e),
+    }
+}
+
+struct Req {
+    method: Method,
+    path: String,
+    query: Option<String>,
+    version: http::Version,
+    headers: HeaderMap,
+    body: Bytes,
+    peer: SocketAddr,
+}
+
+impl Req {
+    fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad request data"))
+    }
+
+    fn query_param(&self, name: &str) -> Option<String> {
+        self.query
+            .as_deref()?
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.replace('+', " "))
+    }
+
+    /// Grafana's `web.RemoteAddr`: the first forwarded address, else the peer.
+    fn client_ip(&self) -> String {
+        self.headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| self.peer.ip().to_string())
+    }
+
+    fn user_agent(&self) -> String {
+        self.headers
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+fn is_identity_endpoint(method: &Method, path: &str) -> bool {
+    match path {
+        "/api/user" | "/api/user/orgs" | "/api/org" | "/api/auth/serviceaccount" => true,
+        _ => {
+            method == Method::GET
+                && path
+                    .strip_prefix("/api/serviceaccounts/")
+                    .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        }
+    }
+}
+
+fn count(shared: &Shared, method: &Method, path: &str) {
+    if is_identity_endpoint(method, path) {
+        shared.verifications.fetch_add(1, Ordering::SeqCst);
+    }
+    *shared
+        .calls
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(path.to_owned())
+        .or_default() += 1;
+}
+
+// ---- responses -----------------------------------------------------------------
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn ok(value: Value) -> Result<Response<Body>, ApiError> {
+    Ok(json_response(StatusCode::OK, &value))
+}
+
+fn message(text: &str) -> Result<Response<Body>, ApiError> {
+    ok(json!({ "message": text }))
+}
+
+fn error_response(shared: &Shared, e: ApiError) -> Response<Body> {
+    let mut response = json_response(e.status, &e.body);
+    if e.clear_session {
+        add_cookies(&mut response, &clear_cookies(shared));
+    }
+    response
+}
+
+fn add_cookies(response: &mut Response<Body>, cookies: &[String]) {
+    for cookie in cookies {
+        if let Ok(value) = HeaderValue::from_str(cookie) {
+            response.headers_mut().append(SET_COOKIE, value);
+        }
+    }
+}
+
+const EXPIRY_COOKIE: &str = "grafana_session_expiry";
+
+fn session_cookies(shared: &Shared, token: &str, session: &Session) -> Vec<String> {
+    let max_age = store::MAX_LIFETIME_SECS;
+    vec![
+        format!(
+            "{}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax",
+            shared.settings.session_cookie
+        ),
+        // Read by the front end (not HttpOnly) to know when to rotate.
+        format!(
+            "{EXPIRY_COOKIE}={}; Path=/; Max-Age={max_age}; SameSite=Lax",
+            session.next_rotation()
+        ),
+    ]
+}
+
+fn clear_cookies(shared: &Shared) -> Vec<String> {
+    vec![
+        format!(
+            "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax",
+            shared.settings.session_cookie
+        ),
+        format!("{EXPIRY_COOKIE}=; Path=/; Max-Age=0; SameSite=Lax"),
+    ]
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "Not found")
+}
+
+fn users_only() -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "Endpoint only available for users")
+}
+
+fn invalid_role() -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "Invalid role specified")
+}
+
+fn user_not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "User not found")
+}
+
+fn sa_not_found() -> ApiError {
+    ApiError::authn(
+        StatusCode::NOT_FOUND,
+        "serviceaccounts.ErrNotFound",
+        "service account not found",
+    )
+}
+
+fn require_org_admin(caller: &Caller) -> Result<(), ApiError> {
+    if caller.org_role >= Role::Admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden())
+    }
+}
+
+fn require_grafana_admin(caller: &Caller) -> Result<(), ApiError> {
+    if caller.grafana_admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden())
+    }
+}
+
+fn require_user(caller: &Caller) -> Result<i64, ApiError> {
+    caller.user_id().ok_or_else(users_only)
+}
+
+// ---- JSON shapes ---------------------------------------------------------------
+
+fn avatar(seed: &str) -> String {
+    let digest = Sha256::digest(seed.trim().to_lowercase().as_bytes());
+    format!("/avatar/{}", &hex::encode(digest)[..32])
+}
+
+fn user_json(u: &User) -> Value {
+    json!({
+        "id": u.id,
+        "uid": u.uid,
+        "email": u.email,
+        "name": u.name,
+        "login": u.login,
+        "theme": "",
+        "orgId": if u.org_role.is_some() { ORG_ID } else { 0 },
+        "isGrafanaAdmin": u.grafana_admin,
+        "isDisabled": u.disabled,
+        "isExternal": false,
+        "isExternallySynced": false,
+        "isGrafanaAdminExternallySynced": false,
+        "authLabels": [],
+        "updatedAt": rfc3339(u.updated),
+        "createdAt": rfc3339(u.created),
+        "avatarUrl": avatar(&u.email),
+    })
+}
+
+/// `/api/user` for a service account (Grafana 11 reads its `user` row).
+fn sa_as_user_json(sa: &ServiceAccount) -> Value {
+    json!({
+        "id": sa.id,
+        "uid": sa.uid,
+        "email": sa.login,
+        "name": sa.name,
+        "login": sa.login,
+        "theme": "",
+        "orgId": sa.org_id,
+        "isGrafanaAdmin": false,
+        "isDisabled": sa.disabled,
+        "isExternal": false,
+        "isExternallySynced": false,
+        "isGrafanaAdminExternallySynced": false,
+        "authLabels": [],
+        "updatedAt": rfc3339(sa.updated),
+        "createdAt": rfc3339(sa.created),
+        "avatarUrl": avatar(&sa.login),
+    })
+}
+
+fn sa_json(sa: &ServiceAccount, tokens: usize) -> Value {
+    json!({
+        "id": sa.id,
+        "uid": sa.uid,
+        "name": sa.name,
+        "login": sa.login,
+        "orgId": sa.org_id,
+        "isDisabled": sa.disabled,
+        "role": sa.role.as_str(),
+        "tokens": tokens,
+        "avatarUrl": avatar(&sa.login),
+        "isExternal": false,
+    })
+}
+
+fn sa_detail_json(sa: &ServiceAccount, tokens: usize) -> Value {
+    let mut v = sa_json(sa, tokens);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("createdAt".into(), json!(rfc3339(sa.created)));
+        obj.insert("updatedAt".into(), json!(rfc3339(sa.updated)));
+        obj.insert("teams".into(), json!([]));
+    }
+    v
+}
+
+fn token_json(k: &ApiKey, now: i64) -> Value {
+    let (expiration, seconds_until, expired) = match k.expires {
+        Some(e) => (json!(rfc3339(e)), (e - now).max(0) as f64, e <= now),
+        None => (Value::Null, 0.0, false),
+    };
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "created": rfc3339(k.created),
+        "lastUsedAt": k.last_used.map(rfc3339),
+        "expiration": expiration,
+        "secondsUntilExpiration": seconds_until,
+        "hasExpired": expired,
+        "isRevoked": k.is_revoked,
+    })
+}
+
+fn key_json(k: &ApiKey) -> Value {
+    let mut v = json!({ "id": k.id, "name": k.name, "role": k.role.as_str() });
+    if let Some(obj) = v.as_object_mut() {
+        // Grafana's DTO: `omitempty` on both.
+        if let Some(e) = k.expires {
+            obj.insert("expiration".into(), json!(rfc3339(e)));
+        }
+        if let Some(u) = k.last_used {
+            obj.insert("lastUsedAt".into(), json!(rfc3339(u)));
+        }
+    }
+    v
+}
+
+fn browser_of(user_agent: &str) -> (&'static str, &'static str) {
+    let ua = user_agent.to_ascii_lowercase();
+    let browser = if ua.contains("firefox") {
+        "Firefox"
+    } else if ua.contains("chrome") {
+        "Chrome"
+    } else if ua.contains("safari") {
+        "Safari"
+    } else if ua.contains("curl") {
+        "curl"
+    } else {
+        "Other"
+    };
+    let os = if ua.contains("linux") {
+        "Linux"
+    } else if ua.contains("mac os") {
+        "Mac OS X"
+    } else if ua.contains("windows") {
+        "Windows"
+    } else {
+        "Other"
+    };
+    (browser, os)
+}
+
+fn session_json(s: &Session, active: Option<i64>) -> Value {
+    let (browser, os) = browser_of(&s.user_agent);
+    json!({
+        "id": s.id,
+        "isActive": Some(s.id) == active,
+        "clientIp": s.client_ip,
+        "browser": browser,
+        "browserVersion": "",
+        "os": os,
+        "osVersion": "",
+        "device": "Other",
+        "createdAt": rfc3339(s.created),
+        "seenAt": rfc3339(s.seen_at),
+    })
+}
+
+// ---- routing -------------------------------------------------------------------
+
+/// The authenticated `/api` endpoints the stand-in knows.
+enum Api {
+    User,
+    UserOrgs,
+    Org,
+    AuthServiceAccount,
+    ListKeys,
+    CreateKey,
+    DeleteKey(i64),
+    CreateSa,
+    SearchSa,
+    GetSa(i64),
+    UpdateSa(i64),
+    DeleteSa(i64),
+    ListSaTokens(i64),
+    CreateSaToken(i64),
+    DeleteSaToken(i64, i64),
+    UserAuthTokens,
+    RevokeUserAuthToken,
+    ChangePassword,
+    AdminCreateUser,
+    AdminPassword(i64),
+    AdminDisable(i64, bool),
+    AdminDelete(i64),
+    AdminLogout(i64),
+    AdminRevokeAuthToken(i64),
+    AdminAuthTokens(i64),
+    AdminPermissions(i64),
+    OrgUserUpdate(i64),
+    OrgUserDelete(i64),
+}
+
+fn id(s: &str) -> Option<i64> {
+    s.parse().ok()
+}
+
+fn api_route(method: &Method, segs: &[&str], flavor: Flavor) -> Option<Api> {
+    use Method as M;
+    let m = method.clone();
+    Some(match segs {
+        ["user"] if m == M::GET => Api::User,
+        ["user", "orgs"] if m == M::GET => Api::UserOrgs,
+        ["org"] if m == M::GET => Api::Org,
+        ["auth", "serviceaccount"] if m == M::GET && flavor == Flavor::Pmm => Api::AuthServiceAccount,
+        ["auth", "keys"] if m == M::GET => Api::ListKeys,
+        ["auth", "keys"] if m == M::POST => Api::CreateKey,
+        ["auth", "keys", k] if m == M::DELETE => Api::DeleteKey(id(k)?),
+        ["serviceaccounts"] if m == M::POST => Api::CreateSa,
+        ["serviceaccounts", "search"] if m == M::GET => Api::SearchSa,
+        ["serviceaccounts", s] if m == M::GET => Api::GetSa(id(s)?),
+        ["serviceaccounts", s] if m == M::PATCH => Api::UpdateSa(id(s)?),
+        ["serviceaccounts", s] if m == M::DELETE => Api::DeleteSa(id(s)?),
+        ["serviceaccounts", s, "tokens"] if m == M::GET => Api::ListSaTokens(id(s)?),
+        ["serviceaccounts", s, "tokens"] if m == M::POST => Api::CreateSaToken(id(s)?),
+        ["serviceaccounts", s, "tokens", t] if m == M::DELETE => Api::DeleteSaToken(id(s)?, id(t)?),
+        ["user", "auth-tokens"] if m == M::GET => Api::UserAuthTokens,
+        ["user", "revoke-auth-token"] if m == M::POST => Api::RevokeUserAuthToken,
+        ["user", "password"] if m == M::PUT => Api::ChangePassword,
+        ["admin", "users"] if m == M::POST => Api::AdminCreateUser,
+        ["admin", "users", u, "password"] if m == M::PUT => Api::AdminPassword(id(u)?),
+        ["admin", "users", u, "disable"] if m == M::POST => Api::AdminDisable(id(u)?, true),
+        ["admin", "users", u, "enable"] if m == M::POST => Api::AdminDisable(id(u)?, false),
+        ["admin", "users", u] if m == M::DELETE => Api::AdminDelete(id(u)?),
+        ["admin", "users", u, "logout"] if m == M::POST => Api::AdminLogout(id(u)?),
+        ["admin", "users", u, "revoke-auth-token"] if m == M::POST => Api::AdminRevokeAuthToken(id(u)?),
+        ["admin", "users", u, "auth-tokens"] if m == M::GET => Api::AdminAuthTokens(id(u)?),
+        ["admin", "users", u, "permissions"] if m == M::PUT => Api::AdminPermissions(id(u)?),
+        ["org", "users", u] if m == M::PATCH => Api::OrgUserUpdate(id(u)?),
+        ["org", "users", u] if m == M::DELETE => Api::OrgUserDelete(id(u)?),
+        _ => return None,
+    })
+}
+
+async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
+    let flavor = shared.settings.flavor;
+    let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    match (&req.method, segs.as_slice()) {
+        (&Method::GET, ["api", "health"]) => ok(json!({
+            "commit": "grafana-stub",
+            "database": "ok",
+            "version": flavor.grafana_version(),
+        })),
+        (&Method::POST, ["login"]) => login(shared, req).await,
+        (&Method::GET, ["login"]) => Ok(html("<!doctype html><title>Grafana</title><p>Log in</p>")),
+        (&Method::GET, ["logout"]) => logout(shared, req),
+        // Outside the signed-in middleware in Grafana: the cookie decides.
+        (&Method::POST, ["api", "user", "auth-tokens", "rotate"]) => rotate(shared, req),
+        (_, ["api", rest @ ..]) => {
+            let api = api_route(&req.method, rest, flavor).ok_or_else(not_found)?;
+            let caller = auth::authenticate(shared, &req.headers, req.peer)
+                .await?
+                .ok_or_else(ApiError::unauthorized)?;
+            api_call(shared, req, &caller, api).await
+        }
+        (&Method::GET, ["v1", "version"] | ["v1", "server", "version"]) if flavor == Flavor::Pmm => {
+            // pmm-managed does no authentication of its own: the front door does.
+            ok(pmm_version())
+        }
+        // Everything else — pmm-managed's `/v1/…`, `/graph`, `/prometheus`,
+        // `/victoriametrics`, `/swagger`, `/ping`, `/__stub/echo/…` and
+        // Grafana's pages — echoes, so tests see exactly what was forwarded.
+        _ => ok(echo(req)),
+    }
+}
+
+fn html(body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=UTF-8"));
+    response
+}
+
+fn pmm_version() -> Value {
+    json!({
+        "version": "3.1.0",
+        "server": {
+            "version": "3.1.0",
+            "full_version": "3.1.0-1.2504091141.2c9a4c5.el9",
+            "timestamp": "2025-04-09T11:41:22Z",
+        },
+        "managed": {
+            "version": "3.1.0",
+            "full_version": "2c9a4c5a1b1e2d3f4a5b6c7d8e9f0a1b2c3d4e5f",
+            "timestamp": "2025-04-09T11:33:10Z",
+        },
+        "distribution_method": "DOCKER",
+    })
+}
+
+fn echo(req: &Req) -> Value {
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in &req.headers {
+        headers
+            .entry(name.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    json!({
+        "method": req.method.as_str(),
+        "path": req.path,
+        "query": req.query,
+        "version": format!("{:?}", req.version),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&req.body),
+    })
+}
+
+// ---- login, logout, rotation -----------------------------------------------------
+
+#[derive(Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    password: String,
+}
+
+async fn login(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
+    let form: LoginForm = req.json()?;
+    let user_id = auth::check_password(shared, &form.user, &form.password).await?;
+    let (token, session_id) = auth::create_session(shared, user_id, &req.client_ip(), &req.user_agent());
+    let session = shared
+        .store()
+        .sessions
+        .get(&session_id)
+        .cloned()
+        .ok_or_else(ApiError::password_failed)?;
+    let mut response = json_response(
+        StatusCode::OK,
+        &json!({"message": "Logged in", "redirectUrl": "/"}),
+    );
+    add_cookies(&mut response, &session_cookies(shared, &token, &session));
+    Ok(response)
+}
+
+fn logout(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
+    if let Some(token) = auth::cookie(&req.headers, &shared.settings.session_cookie) {
+        if let Some(session) = auth::live_session(shared, &token) {
+            shared.store().sessions.remove(&session.id);
+        }
+    }
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::FOUND;
+    response
+        .headers_mut()
+        .insert(LOCATION, HeaderValue::from_static("/login"));
+    add_cookies(&mut response, &clear_cookies(shared));
+    Ok(response)
+}
+
+fn rotate(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
+    let token =
+        auth::cookie(&req.headers, &shared.settings.session_cookie).ok_or_else(ApiError::unauthorized)?;
+    let invalid = || ApiError {
+        clear_session: true,
+        ..ApiError::unauthorized()
+    };
+    let session = auth::live_session(shared, &token).ok_or_else(invalid)?;
+    let new_token = crate::credentials::random_hex(16);
+    let new_hash = crate::credentials::hash_session_token(&new_token, &shared.settings.secret_key);
+    let now = shared.now();
+    let rotated = {
+        let mut store = shared.store();
+        let s = store.sessions.get_mut(&session.id).ok_or_else(invalid)?;
+        // The token being replaced stays valid as the previous one.
+        s.prev_token_hash = std::mem::replace(&mut s.token_hash, new_hash);
+        s.rotated_at = now;
+        s.seen_at = now;
+        s.client_ip = req.client_ip();
+        s.clone()
+    };
+    let mut response = json_response(StatusCode::OK, &json!({}));
+    add_cookies(&mut response, &session_cookies(shared, &new_token, &rotated));
+    Ok(response)
+}
+
+// ---- authenticated API ---------------------------------------------------------
+
+async fn api_call(
+    shared: &Arc<Shared>,
+    req: &Req,
+    caller: &Caller,
+    api: Api,
+) -> Result<Response<Body>, ApiError> {
+    let flavor = shared.settings.flavor;
+    match api {
+        Api::User => get_user(shared, caller, flavor),
+        Api::UserOrgs => {
+            let user_id = require_user(caller)?;
+            let store = shared.store();
+            let user = store.users.get(&user_id).ok_or_else(ApiError::unauthorized)?;
+            let orgs: Vec<Value> = user
+                .org_role
+                .map(|role| json!({"orgId": ORG_ID, "name": ORG_NAME, "role": role.as_str()}))
+                .into_iter()
+                .collect();
+            ok(Value::Array(orgs))
+        }
+        Api::Org => ok(json!({"id": ORG_ID, "name": ORG_NAME})),
+        Api::AuthServiceAccount => match caller.principal {
+            Principal::ServiceAccount { id, .. } => {
+                let store = shared.store();
+                let sa = store
+                    .service_accounts
+                    .get(&id)
+                    .ok_or_else(ApiError::unauthorized)?;
+                ok(sa_json(sa, store.token_count(id)))
+            }
+            _ => ok(Value::Null),
+        },
+        Api::ListKeys => list_keys(shared, req, caller),
+        Api::CreateKey => create_key(shared, req, caller).await,
+        Api::DeleteKey(key_id) => {
+            require_org_admin(caller)?;
+            let mut store = shared.store();
+            let deletable = store
+                .keys
+                .get(&key_id)
+                .is_some_and(|k| k.legacy && k.service_account_id.is_none() && k.org_id == ORG_ID);
+            if !deletable {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, "Failed to find API key"));
+            }
+            store.keys.remove(&key_id);
+            message("API key deleted")
+        }
+        Api::CreateSa => create_sa(shared, req, caller),
+        Api::SearchSa => search_sa(shared, req, caller),
+        Api::GetSa(sa_id) => {
+            require_org_admin(caller)?;
+            let store = shared.store();
+            let sa = store.service_accounts.get(&sa_id).ok_or_else(sa_not_found)?;
+            ok(sa_detail_json(sa, store.token_count(sa_id)))
+        }
+        Api::UpdateSa(sa_id) => update_sa(shared, req, caller, sa_id),
+        Api::DeleteSa(sa_id) => {
+            require_org_admin(caller)?;
+            if !shared.store().delete_service_account(sa_id) {
+                return Err(sa_not_found());
+            }
+            message("Service account deleted")
+        }
+        Api::ListSaTokens(sa_id) => {
+            require_org_admin(caller)?;
+            let now = shared.now();
+            let store = shared.store();
+            if !store.service_accounts.contains_key(&sa_id) {
+                return Err(sa_not_found());
+            }
+            let tokens: Vec<Value> = store
+                .keys
+                .values()
+                .filter(|k| k.service_account_id == Some(sa_id))
+                .map(|k| token_json(k, now))
+                .collect();
+            ok(Value::Array(tokens))
+        }
+        Api::CreateSaToken(sa_id) => create_sa_token(shared, req, caller, sa_id).await,
+        Api::DeleteSaToken(sa_id, token_id) => {
+            require_org_admin(caller)?;
+            let mut store = shared.store();
+            if !store.service_accounts.contains_key(&sa_id) {
+                return Err(sa_not_found());
+            }
+            if store
+                .keys
+                .get(&token_id)
+                .is_none_or(|k| k.service_account_id != Some(sa_id))
+            {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "Failed to delete service account token",
+                ));
+            }
+            store.keys.remove(&token_id);
+            message("Service account token deleted")
+        }
+        Api::UserAuthTokens => {
+            let user_id = require_user(caller)?;
+            list_sessions(shared, user_id, current_session(caller))
+        }
+        Api::RevokeUserAuthToken => {
+            let user_id = require_user(caller)?;
+            revoke_session(shared, req, user_id, current_session(caller))
+        }
+        Api::ChangePassword => change_password(shared, req, caller).await,
+        Api::AdminCreateUser => admin_create_user(shared, req, caller).await,
+        Api::AdminPassword(user_id) => {
+            require_grafana_admin(caller)?;
+            #[derive(Deserialize)]
+            struct Form {
+                #[serde(default)]
+                password: String,
+            }
+            let form: Form = req.json()?;
+            if form.password.chars().count() < 4 {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, "New password too short"));
+            }
+            if !shared.store().users.contains_key(&user_id) {
+                return Err(user_not_found());
+            }
+            let (salt, hash) = auth::hash_new_password(&form.password).await;
+            let now = shared.now();
+            let mut store = shared.store();
+            let user = store.users.get_mut(&user_id).ok_or_else(user_not_found)?;
+            user.salt = salt;
+            user.password_hash = hash;
+            user.updated = now;
+            message("User password updated")
+        }
+        Api::AdminDisable(user_id, disable) => {
+            require_grafana_admin(caller)?;
+            let now = shared.now();
+            let mut store = shared.store();
+            let user = store.users.get_mut(&user_id).ok_or_else(user_not_found)?;
+            user.disabled = disable;
+            user.updated = now;
+            if disable {
+                // Grafana revokes every session of a disabled user.
+                store.revoke_user_sessions(user_id);
+                message("User disabled")
+            } else {
+                message("User enabled")
+            }
+        }
+        Api::AdminDelete(user_id) => {
+            require_grafana_admin(caller)?;
+            if !shared.store().delete_user(user_id) {
+                return Err(user_not_found());
+            }
+            message("User deleted")
+        }
+        Api::AdminLogout(user_id) => {
+            require_grafana_admin(caller)?;
+            if caller.user_id() == Some(user_id) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "You cannot logout yourself",
+                ));
+            }
+            let mut store = shared.store();
+            if !store.users.contains_key(&user_id) {
+                return Err(user_not_found());
+            }
+            store.revoke_user_sessions(user_id);
+            message("User logged out")
+        }
+        Api::AdminRevokeAuthToken(user_id) => {
+            require_grafana_admin(caller)?;
+            if !shared.store().users.contains_key(&user_id) {
+                return Err(user_not_found());
+            }
+            revoke_session(shared, req, user_id, current_session(caller))
+        }
+        Api::AdminAuthTokens(user_id) => {
+            require_grafana_admin(caller)?;
+            if !shared.store().users.contains_key(&user_id) {
+                return Err(user_not_found());
+            }
+            list_sessions(shared, user_id, current_session(caller))
+        }
+        Api::AdminPermissions(user_id) => {
+            require_grafana_admin(caller)?;
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Form {
+                #[serde(default)]
+                is_grafana_admin: bool,
+            }
+            let form: Form = req.json()?;
+            let now = shared.now();
+            let mut store = shared.store();
+            let user = store.users.get_mut(&user_id).ok_or_else(user_not_found)?;
+            user.grafana_admin = form.is_grafana_admin;
+            user.updated = now;
+            message("User permissions updated")
+        }
+        Api::OrgUserUpdate(user_id) => {
+            require_org_admin(caller)?;
+            #[derive(Deserialize)]
+            struct Form {
+                #[serde(default)]
+                role: String,
+            }
+            let form: Form = req.json()?;
+            let role = Role::parse(&form.role).ok_or_else(invalid_role)?;
+            let now = shared.now();
+            let mut store = shared.store();
+            let current = store
+                .users
+                .get(&user_id)
+                .and_then(|u| u.org_role)
+                .ok_or_else(user_not_found)?;
+            if current == Role::Admin && role != Role::Admin && store.org_admin_count() <= 1 {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Cannot change role so that there is no organization admin left",
+                ));
+            }
+            if let Some(user) = store.users.get_mut(&user_id) {
+                user.org_role = Some(role);
+                user.updated = now;
+            }
+            message("Organization user updated")
+        }
+        Api::OrgUserDelete(user_id) => {
+            require_org_admin(caller)?;
+            let mut store = shared.store();
+            let current = store
+                .users
+                .get(&user_id)
+                .and_then(|u| u.org_role)
+                .ok_or_else(user_not_found)?;
+            if current == Role::Admin && store.org_admin_count() <= 1 {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Cannot remove last organization admin",
+                ));
+            }
+            // The org was the user's only one: Grafana deletes the orphan.
+            store.delete_user(user_id);
+            message("User deleted")
+        }
+    }
+}
+
+fn current_session(caller: &Caller) -> Option<i64> {
+    match caller.principal {
+        Principal::User { session, .. } => session,
+        _ => None,
+    }
+}
+
+fn get_user(shared: &Shared, caller: &Caller, flavor: Flavor) -> Result<Response<Body>, ApiError> {
+    let store = shared.store();
+    match caller.principal {
+        Principal::User { id, .. } => {
+            let user = store.users.get(&id).ok_or_else(ApiError::unauthorized)?;
+            ok(user_json(user))
+        }
+        // 11.x reads the service account's own user row; 10.4 refuses.
+        Principal::ServiceAccount { id, .. } if flavor != Flavor::Grafana10_4 => {
+            let sa = store
+                .service_accounts
+                .get(&id)
+                .ok_or_else(ApiError::unauthorized)?;
+            ok(sa_as_user_json(sa))
+        }
+        Principal::ServiceAccount { .. } | Principal::ApiKey { .. } => Err(users_only()),
+    }
+}
+
+fn list_keys(shared: &Shared, req: &Req, caller: &Caller) -> Result<Response<Body>, ApiError> {
+    require_org_admin(caller)?;
+    let include_expired = req.query_param("includeExpired").is_some_and(|v| v == "true");
+    let now = shared.now();
+    let store = shared.store();
+    let keys: Vec<Value> = store
+        .keys
+        .values()
+        .filter(|k| k.legacy && k.service_account_id.is_none() && k.org_id == ORG_ID)
+        .filter(|k| include_expired || !k.has_expired(now))
+        .map(key_json)
+        .collect();
+    ok(Value::Array(keys))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewKeyForm {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    seconds_to_live: i64,
+}
+
+async fn create_key(shared: &Arc<Shared>, req: &Req, caller: &Caller) -> Result<Response<Body>, ApiError> {
+    require_org_admin(caller)?;
+    let form: NewKeyForm = req.json()?;
+    let role = Role::parse(&form.role).ok_or_else(invalid_role)?;
+    if form.name.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad request data"));
+    }
+    if form.seconds_to_live < 0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Invalid API Key expiration",
+        ));
+    }
+    let duplicate = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "API Key Organization ID And Name Must Be Unique",
+        )
+    };
+    if shared.store().legacy_key_name_taken(ORG_ID, &form.name) {
+        return Err(duplicate());
+    }
+    let name = form.name.clone();
+    // Generating the key hashes it: PBKDF2, off the async workers.
+    let key = tokio::task::spawn_blocking(move || {
+        let key = LegacyKey::generate(ORG_ID, &name);
+        let hash = key.hash();
+        (key, hash)
+    })
+    .await;
+    let Ok((key, _)) = key else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Failed to add API Key",
+        ));
+    };
+    let now = shared.now();
+    let expires = (form.seconds_to_live > 0).then(|| now + form.seconds_to_live);
+    let mut store = shared.store();
+    if store.legacy_key_name_taken(ORG_ID, &form.name) {
+        return Err(duplicate());
+    }
+    let id = store.add_legacy_key(&key, role, expires, shared.settings.migrate_api_keys, now);
+    ok(json!({"id": id, "name": form.name, "key": key.encode()}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SaForm {
+    name: Option<String>,
+    role: Option<String>,
+    is_disabled: Option<bool>,
+}
+
+fn create_sa(shared: &Shared, req: &Req, caller: &Caller) -> Result<Response<Body>, ApiError> {
+    require_org_admin(caller)?;
+    let form: SaForm = req.json()?;
+    let name = form.name.unwrap_or_default();
+    if name.trim().is_empty() {
+        return Err(ApiError::authn(
+            StatusCode::BAD_REQUEST,
+            "serviceaccounts.ErrNameEmpty",
+            "service account name is required",
+        ));
+    }
+    let role = match form.role.as_deref() {
+        None | Some("") => Role::Viewer,
+        Some(r) => Role::parse(r).ok_or_else(|| {
+            ApiError::authn(
+                StatusCode::BAD_REQUEST,
+                "serviceaccounts.ErrInvalidRole",
+                &format!("invalid role value: {r}"),
+            )
+        })?,
+    };
+    let now = shared.now();
+    let mut store = shared.store();
+    let sa = store
+        .insert_service_account(
+            &name,
+            &store::service_account_login(&name),
+            role,
+            form.is_disabled.unwrap_or(false),
+            now,
+        )
+        .map_err(|Conflict::Exists| {
+            ApiError::authn(
+                StatusCode::BAD_REQUEST,
+                "serviceaccounts.ErrAlreadyExists",
+                "service account already exists",
+            )
+        })?;
+    Ok(json_response(StatusCode::CREATED, &sa_detail_json(&sa, 0)))
+}
+
+fn search_sa(shared: &Shared, req: &Req, caller: &Caller) -> Result<Response<Body>, ApiError> {
+    require_org_admin(caller)?;
+    let query = req.query_param("query").unwrap_or_default().to_lowercase();
+    let per_page = req
+        .query_param("perpage")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(1000);
+    let page = req
+        .query_param("page")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(1);
+    let store = shared.store();
+    let mut matching: Vec<&ServiceAccount> = store
+        .service_accounts
+        .values()
+        .filter(|s| query.is_empty() || s.name.to_lowercase().contains(&query) || s.login.contains(&query))
+        .collect();
+    matching.sort_by(|a, b| a.name.cmp(&b.name));
+    let total = matching.len();
+    let accounts: Vec<Value> = matching
+        .into_iter()
+        .skip((page - 1).saturating_mul(per_page))
+        .take(per_page)
+        .map(|s| sa_json(s, store.token_count(s.id)))
+        .collect();
+    ok(json!({
+        "totalCount": total,
+        "serviceAccounts": accounts,
+        "page": page,
+        "perPage": per_page,
+    }))
+}
+
+fn update_sa(shared: &Shared, req: &Req, caller: &Caller, sa_id: i64) -> Result<Response<Body>, ApiError> {
+    require_org_admin(caller)?;
+    let form: SaForm = req.json()?;
+    let role = match form.role.as_deref() {
+        None => None,
+        Some(r) => Some(Role::parse(r).ok_or_else(invalid_role)?),
+    };
+    let now = shared.now();
+    let mut store = shared.store();
+    if let Some(name) = form.name.as_deref().filter(|n| !n.trim().is_empty()) {
+        let login = store::service_account_login(name);
+        let clash = store
+            .service_accounts
+            .values()
+            .any(|s| s.id != sa_id && (s.name == name || s.login == login));
+        if clash {
+            return Err(ApiError::authn(
+                StatusCode::BAD_REQUEST,
+                "serviceaccounts.ErrAlreadyExists",
+                "service account already exists",
+            ));
+        }
+    }
+    let tokens = store.token_count(sa_id);
+    let sa = store.service_accounts.get_mut(&sa_id).ok_or_else(sa_not_found)?;
+    if let Some(name) = form.name.filter(|n| !n.trim().is_empty()) {
+        sa.login = store::service_account_login(&name);
+        sa.name = name;
+    }
+    if let Some(role) = role {
+        sa.role = role;
+    }
+    if let Some(disabled) = form.is_disabled {
+        sa.disabled = disabled;
+    }
+    sa.updated = now;
+    ok(json!({
+        "message": "Service account updated",
+        "id": sa.id,
+        "name": sa.name,
+        "serviceaccount": sa_detail_json(sa, tokens),
+    }))
+}
+
+async fn create_sa_token(
+    shared: &Arc<Shared>,
+    req: &Req,
+    caller: &Caller,
+    sa_id: i64,
+) -> Result<Response<Body>, ApiError> {
+    require_org_admin(caller)?;
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Form {
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        seconds_to_live: i64,
+    }
+    let form: Form = req.json()?;
+    if form.seconds_to_live < 0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Invalid SecondsToLive value",
+        ));
+    }
+    let duplicate = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "service account token with given name already exists in the organization",
+        )
+    };
+    let taken = |store: &store::Store, name: &str| {
+        store
+            .keys
+            .values()
+            .any(|k| k.service_account_id == Some(sa_id) && k.name == name)
+    };
+    let name = {
+        let store = shared.store();
+        if !store.service_accounts.contains_key(&sa_id) {
+            return Err(sa_not_found());
+        }
+        let name = if form.name.is_empty() {
+            format!("sa-token-{}", store.token_count(sa_id) + 1)
+        } else {
+            form.name.clone()
+        };
+        if taken(&store, &name) {
+            return Err(duplicate());
+        }
+        name
+    };
+    let token = tokio::task::spawn_blocking(|| {
+        let token = SaToken::generate();
+        let hash = token.hash();
+        (token, hash)
+    })
+    .await;
+    let Ok((token, _)) = token else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Failed to add service account token",
+        ));
+    };
+    let now = shared.now();
+    let expires = (form.seconds_to_live > 0).then(|| now + form.seconds_to_live);
+    let mut store = shared.store();
+    if !store.service_accounts.contains_key(&sa_id) {
+        return Err(sa_not_found());
+    }
+    if taken(&store, &name) {
+        return Err(duplicate());
+    }
+    let id = store.add_sa_token(sa_id, &name, &token, expires, now);
+    ok(json!({"id": id, "name": name, "key": token.encode()}))
+}
+
+fn list_sessions(shared: &Shared, user_id: i64, active: Option<i64>) -> Result<Response<Body>, ApiError> {
+    let now = shared.now();
+    let store = shared.store();
+    let sessions: Vec<Value> = store
+        .sessions
+        .values()
+        .filter(|s| s.user_id == user_id && !s.expired(now))
+        .map(|s| session_json(s, active))
+        .collect();
+    ok(Value::Array(sessions))
+}
+
+fn revoke_session(
+    shared: &Shared,
+    req: &Req,
+    user_id: i64,
+    active: Option<i64>,
+) -> Result<Response<Body>, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Form {
+        #[serde(default)]
+        auth_token_id: i64,
+    }
+    let form: Form = req.json()?;
+    let mut store = shared.store();
+    if store
+        .sessions
+        .get(&form.auth_token_id)
+        .is_none_or(|s| s.user_id != user_id)
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "User auth token not found"));
+    }
+    if active == Some(form.auth_token_id) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Cannot revoke active user auth token",
+        ));
+    }
+    store.sessions.remove(&form.auth_token_id);
+    message("User auth token revoked")
+}
+
+async fn change_password(
+    shared: &Arc<Shared>,
+    req: &Req,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    let user_id = require_user(caller)?;
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Form {
+        #[serde(default)]
+        old_password: String,
+        #[serde(default)]
+        new_password: String,
+    }
+    let form: Form = req.json()?;
+    if !auth::verify_user_password(shared, user_id, &form.old_password).await {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Invalid old password"));
+    }
+    if form.new_password.chars().count() < 4 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "New password is too short",
+        ));
+    }
+    let (salt, hash) = auth::hash_new_password(&form.new_password).await;
+    let now = shared.now();
+    let mut store = shared.store();
+    let user = store.users.get_mut(&user_id).ok_or_else(user_not_found)?;
+    user.salt = salt;
+    user.password_hash = hash;
+    user.updated = now;
+    message("User password changed")
+}
+
+async fn admin_create_user(
+    shared: &Arc<Shared>,
+    req: &Req,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    require_grafana_admin(caller)?;
+    #[derive(Deserialize)]
+    struct Form {
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        email: String,
+        #[serde(default)]
+        login: String,
+        #[serde(default)]
+        password: String,
+    }
+    let form: Form = req.json()?;
+    let login = if form.login.is_empty() {
+        form.email.clone()
+    } else {
+        form.login.clone()
+    };
+    if login.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Validation error, need to specify either username or email",
+        ));
+    }
+    if form.password.chars().count() < 4 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Password is missing or too short",
+        ));
+    }
+    let (salt, hash) = auth::hash_new_password(&form.password).await;
+    let now = shared.now();
+    let mut store = shared.store();
+    let id = store
+        .insert_user(
+            &login,
+            &form.email,
+            &form.name,
+            salt,
+            hash,
+            Role::Viewer,
+            false,
+            now,
+        )
+        .map_err(|Conflict::Exists| {
+            ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "User with same login or email already exists",
+            )
+        })?;
+    let uid = store.users.get(&id).map(|u| u.uid.clone()).unwrap_or_default();
+    ok(json!({"id": id, "uid": uid, "message": "User created"}))
+}

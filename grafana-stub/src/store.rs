@@ -1,0 +1,522 @@
+//! Grafana's state in memory: one org, users, service accounts, the
+//! `api_key` table (legacy keys and service-account tokens share it, as in
+//! Grafana), session tokens and failed-login attempts. Plain data and
+//! synchronous operations; the callers hold the lock briefly and never across
+//! a PBKDF2 computation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use crate::credentials::{self, LegacyKey, SaToken};
+
+pub const ORG_ID: i64 = 1;
+pub const ORG_NAME: &str = "Main Org.";
+
+/// Sessions: rotated every 10 minutes, dead after 7 days without rotation or
+/// 30 days after login (Grafana's defaults).
+pub const ROTATION_INTERVAL_SECS: i64 = 10 * 60;
+pub const MAX_INACTIVE_SECS: i64 = 7 * 86_400;
+pub const MAX_LIFETIME_SECS: i64 = 30 * 86_400;
+
+/// Brute-force protection: this many failures in the window lock a username.
+pub const MAX_LOGIN_ATTEMPTS: usize = 5;
+pub const LOGIN_ATTEMPT_WINDOW_SECS: i64 = 5 * 60;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    None,
+    Viewer,
+    Editor,
+    Admin,
+}
+
+impl Role {
+    /// Grafana's `RoleType.IsValid`: exact spelling only.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "None" => Some(Role::None),
+            "Viewer" => Some(Role::Viewer),
+            "Editor" => Some(Role::Editor),
+            "Admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::None => "None",
+            Role::Viewer => "Viewer",
+            Role::Editor => "Editor",
+            Role::Admin => "Admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: i64,
+    pub uid: String,
+    pub login: String,
+    pub email: String,
+    pub name: String,
+    pub salt: String,
+    pub password_hash: String,
+    /// Role in the one org; `None` once removed from it.
+    pub org_role: Option<Role>,
+    pub grafana_admin: bool,
+    pub disabled: bool,
+    pub created: i64,
+    pub updated: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceAccount {
+    pub id: i64,
+    pub uid: String,
+    pub name: String,
+    pub login: String,
+    pub org_id: i64,
+    pub role: Role,
+    pub disabled: bool,
+    pub created: i64,
+    pub updated: i64,
+}
+
+/// A row of Grafana's `api_key` table.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub id: i64,
+    pub org_id: i64,
+    pub name: String,
+    pub hash: String,
+    /// Only meaningful for a key that belongs to no service account.
+    pub role: Role,
+    pub created: i64,
+    pub expires: Option<i64>,
+    pub last_used: Option<i64>,
+    pub service_account_id: Option<i64>,
+    /// A legacy `eyJrIjoi…` key (looked up by name) rather than a `glsa_`
+    /// token (looked up by hash); a migrated key is legacy and has an account.
+    pub legacy: bool,
+    pub is_revoked: bool,
+}
+
+impl ApiKey {
+    pub fn has_expired(&self, now: i64) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: i64,
+    pub user_id: i64,
+    pub token_hash: String,
+    pub prev_token_hash: String,
+    pub created: i64,
+    pub rotated_at: i64,
+    pub seen_at: i64,
+    pub client_ip: String,
+    pub user_agent: String,
+}
+
+impl Session {
+    pub fn expired(&self, now: i64) -> bool {
+        self.created <= now - MAX_LIFETIME_SECS || self.rotated_at <= now - MAX_INACTIVE_SECS
+    }
+
+    pub fn needs_rotation(&self, now: i64) -> bool {
+        self.rotated_at <= now - ROTATION_INTERVAL_SECS
+    }
+
+    /// Value of the `grafana_session_expiry` cookie: when the client should
+    /// rotate next.
+    pub fn next_rotation(&self) -> i64 {
+        self.rotated_at + ROTATION_INTERVAL_SECS
+    }
+}
+
+#[derive(Debug)]
+pub enum Conflict {
+    Exists,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    /// Users and service accounts share one id space, as they share
+    /// Grafana's `user` table.
+    next_user_id: i64,
+    next_key_id: i64,
+    next_session_id: i64,
+    pub users: BTreeMap<i64, User>,
+    pub service_accounts: BTreeMap<i64, ServiceAccount>,
+    pub keys: BTreeMap<i64, ApiKey>,
+    pub sessions: BTreeMap<i64, Session>,
+    /// Failed logins per lower-cased username (unix seconds).
+    attempts: HashMap<String, Vec<i64>>,
+}
+
+/// Grafana's service-account login: `sa-` + the name, lower case, spaces as `-`.
+pub fn service_account_login(name: &str) -> String {
+    let slug: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_whitespace() {
+                '-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect();
+    format!("sa-{slug}")
+}
+
+fn new_uid() -> String {
+    credentials::random_alphanumeric(14).to_ascii_lowercase()
+}
+
+impl Store {
+    pub fn new() -> Store {
+        Store {
+            next_user_id: 1,
+            next_key_id: 1,
+            next_session_id: 1,
+            ..Store::default()
+        }
+    }
+
+    fn take_user_id(&mut self) -> i64 {
+        let id = self.next_user_id;
+        self.next_user_id += 1;
+        id
+    }
+
+    fn take_key_id(&mut self) -> i64 {
+        let id = self.next_key_id;
+        self.next_key_id += 1;
+        id
+    }
+
+    // ---- users -------------------------------------------------------------
+
+    /// Adds a user whose password hash was computed by the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_user(
+        &mut self,
+        login: &str,
+        email: &str,
+        name: &str,
+        salt: String,
+        password_hash: String,
+        role: Role,
+        grafana_admin: bool,
+        now: i64,
+    ) -> Result<i64, Conflict> {
+        let email = if email.is_empty() { login } else { email };
+        let clash = |u: &User| {
+            u.login.eq_ignore_ascii_case(login)
+                || u.email.eq_ignore_ascii_case(email)
+                || u.login.eq_ignore_ascii_case(email)
+        };
+        if self.users.values().any(clash)
+            || self
+                .service_accounts
+                .values()
+                .any(|s| s.login.eq_ignore_ascii_case(login))
+        {
+            return Err(Conflict::Exists);
+        }
+        let id = self.take_user_id();
+        self.users.insert(
+            id,
+            User {
+                id,
+                uid: new_uid(),
+                login: login.to_owned(),
+                email: email.to_owned(),
+                name: name.to_owned(),
+                salt,
+                password_hash,
+                org_role: Some(role),
+                grafana_admin,
+                disabled: false,
+                created: now,
+                updated: now,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Grafana's `GetByLogin`: the login, else the email, case-insensitively.
+    pub fn user_by_login_or_email(&self, login_or_email: &str) -> Option<&User> {
+        self.users
+            .values()
+            .find(|u| u.login.eq_ignore_ascii_case(login_or_email))
+            .or_else(|| {
+                self.users
+                    .values()
+                    .find(|u| u.email.eq_ignore_ascii_case(login_or_email))
+            })
+    }
+
+    pub fn user_by_login(&self, login: &str) -> Option<&User> {
+        self.users.values().find(|u| u.login.eq_ignore_ascii_case(login))
+    }
+
+    pub fn delete_user(&mut self, id: i64) -> bool {
+        let existed = self.users.remove(&id).is_some();
+        self.sessions.retain(|_, s| s.user_id != id);
+        existed
+    }
+
+    pub fn org_admin_count(&self) -> usize {
+        self.users
+            .values()
+            .filter(|u| u.org_role == Some(Role::Admin))
+            .count()
+    }
+
+    // ---- brute-force protection -------------------------------------------
+
+    pub fn is_locked(&self, username: &str, now: i64) -> bool {
+        let since = now - LOGIN_ATTEMPT_WINDOW_SECS;
+        self.attempts
+            .get(&username.to_lowercase())
+            .is_some_and(|a| a.iter().filter(|t| **t > since).count() >= MAX_LOGIN_ATTEMPTS)
+    }
+
+    pub fn record_failed_login(&mut self, username: &str, now: i64) {
+        let since = now - LOGIN_ATTEMPT_WINDOW_SECS;
+        let entry = self.attempts.entry(username.to_lowercase()).or_default();
+        // Old attempts no longer count; drop them so the map stays small.
+        entry.retain(|t| *t > since);
+        entry.push(now);
+    }
+
+    /// A successful login clears the count, as Grafana's login hook does.
+    pub fn reset_failed_logins(&mut self, username: &str) {
+        self.attempts.remove(&username.to_lowercase());
+    }
+
+    // ---- service accounts -------------------------------------------------
+
+    pub fn insert_service_account(
+        &mut self,
+        name: &str,
+        login: &str,
+        role: Role,
+        disabled: bool,
+        now: i64,
+    ) -> Result<ServiceAccount, Conflict> {
+        if self
+            .service_accounts
+            .values()
+            .any(|s| s.name == name || s.login.eq_ignore_ascii_case(login))
+            || self.users.values().any(|u| u.login.eq_ignore_ascii_case(login))
+        {
+            return Err(Conflict::Exists);
+        }
+        let id = self.take_user_id();
+        let sa = ServiceAccount {
+            id,
+            uid: new_uid(),
+            name: name.to_owned(),
+            login: login.to_owned(),
+            org_id: ORG_ID,
+            role,
+            disabled,
+            created: now,
+            updated: now,
+        };
+        self.service_accounts.insert(id, sa.clone());
+        Ok(sa)
+    }
+
+    pub fn delete_service_account(&mut self, id: i64) -> bool {
+        let existed = self.service_accounts.remove(&id).is_some();
+        self.keys.retain(|_, k| k.service_account_id != Some(id));
+        existed
+    }
+
+    pub fn token_count(&self, sa_id: i64) -> usize {
+        self.keys
+            .values()
+            .filter(|k| k.service_account_id == Some(sa_id))
+            .count()
+    }
+
+    // ---- api_key table ----------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_key(
+        &mut self,
+        name: &str,
+        org_id: i64,
+        hash: String,
+        role: Role,
+        expires: Option<i64>,
+        service_account_id: Option<i64>,
+        legacy: bool,
+        now: i64,
+    ) -> i64 {
+        let id = self.take_key_id();
+        self.keys.insert(
+            id,
+            ApiKey {
+                id,
+                org_id,
+                name: name.to_owned(),
+                hash,
+                role,
+                created: now,
+                expires,
+                last_used: None,
+                service_account_id,
+                legacy,
+                is_revoked: false,
+            },
+        );
+        id
+    }
+
+    /// Legacy keys are unique by (org, name).
+    pub fn legacy_key_name_taken(&self, org_id: i64, name: &str) -> bool {
+        self.keys
+            .values()
+            .any(|k| k.legacy && k.org_id == org_id && k.name == name)
+    }
+
+    pub fn legacy_key(&self, org_id: i64, name: &str) -> Option<&ApiKey> {
+        self.keys
+            .values()
+            .find(|k| k.legacy && k.org_id == org_id && k.name == name)
+    }
+
+    pub fn token_by_hash(&self, hash: &str) -> Option<&ApiKey> {
+        self.keys.values().find(|k| !k.legacy && k.hash == hash)
+    }
+
+    /// Registers an exact legacy key string: for PMM, migrated to a service
+    /// account of its own, as PMM 3 converts every API key.
+    pub fn add_legacy_key(
+        &mut self,
+        key: &LegacyKey,
+        role: Role,
+        expires: Option<i64>,
+        migrate: bool,
+        now: i64,
+    ) -> i64 {
+        let sa_id = if migrate {
+            let name = format!("sa-autogen-{}", key.name);
+            let login = format!("sa-autogen-{}-{}", key.org_id, key.name);
+            // Distinct keys with one name cannot exist; reuse on a clash.
+            match self.insert_service_account(&name, &login, role, false, now) {
+                Ok(sa) => Some(sa.id),
+                Err(Conflict::Exists) => self
+                    .service_accounts
+                    .values()
+                    .find(|s| s.name == name)
+                    .map(|s| s.id),
+            }
+        } else {
+            None
+        };
+        self.insert_key(&key.name, key.org_id, key.hash(), role, expires, sa_id, true, now)
+    }
+
+    pub fn add_sa_token(
+        &mut self,
+        sa_id: i64,
+        name: &str,
+        token: &SaToken,
+        expires: Option<i64>,
+        now: i64,
+    ) -> i64 {
+        let role = self.service_accounts.get(&sa_id).map_or(Role::None, |s| s.role);
+        self.insert_key(name, ORG_ID, token.hash(), role, expires, Some(sa_id), false, now)
+    }
+
+    // ---- sessions ---------------------------------------------------------
+
+    pub fn create_session(&mut self, user_id: i64, token_hash: String, ip: &str, ua: &str, now: i64) -> i64 {
+        let id = self.next_session_id;
+        self.next_session_id += 1;
+        self.sessions.insert(
+            id,
+            Session {
+                id,
+                user_id,
+                token_hash,
+                prev_token_hash: String::new(),
+                created: now,
+                rotated_at: now,
+                seen_at: now,
+                client_ip: ip.to_owned(),
+                user_agent: ua.to_owned(),
+            },
+        );
+        id
+    }
+
+    /// Grafana's `LookupToken`: the current or the previous token of a session.
+    pub fn session_by_hash(&self, hash: &str) -> Option<&Session> {
+        self.sessions
+            .values()
+            .find(|s| s.token_hash == hash || (!s.prev_token_hash.is_empty() && s.prev_token_hash == hash))
+    }
+
+    /// Grafana's `RevokeAllUserTokens`: the rows are deleted.
+    pub fn revoke_user_sessions(&mut self, user_id: i64) -> usize {
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| s.user_id != user_id);
+        before - self.sessions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_failures_lock_the_username_case_insensitively() {
+        let mut store = Store::new();
+        let now = 1_000_000;
+        for i in 0..4 {
+            store.record_failed_login("Admin", now + i);
+            assert!(!store.is_locked("admin", now + i));
+        }
+        store.record_failed_login("ADMIN", now + 4);
+        assert!(store.is_locked("admin", now + 5));
+        assert!(store.is_locked("Admin", now + 5));
+        assert!(!store.is_locked("other", now + 5));
+        // The window passes: unlocked again.
+        assert!(!store.is_locked("admin", now + 4 + LOGIN_ATTEMPT_WINDOW_SECS));
+        store.record_failed_login("admin", now + 10);
+        store.reset_failed_logins("admin");
+        assert!(!store.is_locked("admin", now + 11));
+    }
+
+    #[test]
+    fn sessions_expire_and_need_rotation() {
+        let mut store = Store::new();
+        let id = store.create_session(1, "h".into(), "127.0.0.1", "curl", 0);
+        let s = &store.sessions[&id];
+        assert!(!s.needs_rotation(ROTATION_INTERVAL_SECS - 1));
+        assert!(s.needs_rotation(ROTATION_INTERVAL_SECS));
+        assert!(!s.expired(MAX_INACTIVE_SECS - 1));
+        assert!(s.expired(MAX_INACTIVE_SECS));
+    }
+
+    #[test]
+    fn service_account_logins() {
+        assert_eq!(service_account_login("pmm-agent"), "sa-pmm-agent");
+        assert_eq!(service_account_login("My Agent"), "sa-my-agent");
+    }
+}

@@ -1,0 +1,964 @@
+//! The stand-in over real HTTP: the answers GRAFANA.md gives, per flavor.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use grafana_stub::{Flavor, GrafanaStub, StubOptions};
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+const SEED_PMM_KEY: &str =
+    "eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=";
+const SEED_GRAFANA_KEY: &str =
+    "eyJrIjoiWHZiSWd3NzdCYUZnNUtibE9obUpESmE3bzJYNDRIc0UiLCJuIjoibXlrZXkiLCJpZCI6MX1=";
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Value,
+}
+
+async fn call(
+    stub: &GrafanaStub,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Answer {
+    let stream = tokio::net::TcpStream::connect(stub.addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut request = Request::builder().method(method).uri(path).header("host", "stub");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .filter_map(|v| v.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+#[tokio::test]
+async fn seed_keys_work_on_every_flavor() {
+    for flavor in [Flavor::Pmm, Flavor::Grafana11, Flavor::Grafana10_4] {
+        let stub = GrafanaStub::start(flavor).await;
+        stub.add_api_key_exact(SEED_PMM_KEY, "Admin");
+        stub.add_api_key_exact(SEED_GRAFANA_KEY, "Viewer");
+        for key in [SEED_PMM_KEY, SEED_GRAFANA_KEY] {
+            let a = call(&stub, "GET", "/api/org", &[("authorization", &bearer(key))], None).await;
+            assert_eq!(
+                (a.status, a.body.to_string()),
+                (200, r#"{"id":1,"name":"Main Org."}"#.into()),
+                "{flavor}"
+            );
+            let a = call(
+                &stub,
+                "GET",
+                "/api/org",
+                &[("authorization", &basic("api_key", key))],
+                None,
+            )
+            .await;
+            assert_eq!(a.status, 200, "{flavor}");
+        }
+        if flavor == Flavor::Pmm {
+            // PMM 3 migrated the keys to service accounts.
+            let a = call(
+                &stub,
+                "GET",
+                "/api/auth/serviceaccount",
+                &[("authorization", &bearer(SEED_PMM_KEY))],
+                None,
+            )
+            .await;
+            assert_eq!(a.status, 200);
+            assert_eq!(a.body["role"], "Admin");
+        } else {
+            let a = call(
+                &stub,
+                "GET",
+                "/api/auth/keys",
+                &[("authorization", &bearer(SEED_PMM_KEY))],
+                None,
+            )
+            .await;
+            assert_eq!(a.status, 200, "{}", a.body);
+            assert_eq!(a.body.as_array().map(Vec::len), Some(2));
+            let a = call(
+                &stub,
+                "GET",
+                "/api/auth/keys",
+                &[("authorization", &bearer(SEED_GRAFANA_KEY))],
+                None,
+            )
+            .await;
+            assert_eq!(
+                (a.status, a.body["message"].as_str()),
+                (403, Some("Permission denied"))
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn token_identity_answers_per_flavor() {
+    for flavor in [Flavor::Pmm, Flavor::Grafana11, Flavor::Grafana10_4] {
+        let stub = GrafanaStub::start(flavor).await;
+        let sa = stub.add_service_account("pmm-agent", "Editor");
+        let (_, token) = stub.add_sa_token(sa, "t", None);
+        let auth = [("authorization", bearer(&token))];
+        let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        stub.reset_counters();
+
+        let user = call(&stub, "GET", "/api/user", &auth, None).await;
+        let orgs = call(&stub, "GET", "/api/user/orgs", &auth, None).await;
+        assert_eq!(
+            (orgs.status, orgs.body["message"].as_str()),
+            (403, Some("Endpoint only available for users"))
+        );
+        let org = call(&stub, "GET", "/api/org", &auth, None).await;
+        assert_eq!(org.status, 200);
+        let sa_answer = call(&stub, "GET", "/api/auth/serviceaccount", &auth, None).await;
+        match flavor {
+            Flavor::Pmm => {
+                assert_eq!(user.body["login"], "sa-pmm-agent");
+                assert_eq!(sa_answer.status, 200);
+                assert_eq!(sa_answer.body["login"], "sa-pmm-agent");
+                assert_eq!(sa_answer.body["role"], "Editor");
+                assert_eq!(sa_answer.body["isDisabled"], false);
+            }
+            Flavor::Grafana11 => {
+                assert_eq!(
+                    (user.status, &user.body["login"]),
+                    (200, &Value::from("sa-pmm-agent"))
+                );
+                assert_eq!(sa_answer.status, 404);
+            }
+            Flavor::Grafana10_4 => {
+                assert_eq!(user.status, 403);
+                assert_eq!(sa_answer.status, 404);
+            }
+        }
+        assert_eq!(stub.verifications(), 4, "{flavor}");
+        assert_eq!(stub.calls("/api/user"), 2);
+
+        // A user: /api/auth/serviceaccount says null on PMM.
+        if flavor == Flavor::Pmm {
+            let a = call(
+                &stub,
+                "GET",
+                "/api/auth/serviceaccount",
+                &[("authorization", &basic("admin", "admin"))],
+                None,
+            )
+            .await;
+            assert_eq!((a.status, a.body.clone()), (200, Value::Null));
+        }
+        // The role is readable with an admin credential.
+        let a = call(
+            &stub,
+            "GET",
+            &format!("/api/serviceaccounts/{sa}"),
+            &[("authorization", &basic("admin", "admin"))],
+            None,
+        )
+        .await;
+        assert_eq!((a.status, &a.body["role"]), (200, &Value::from("Editor")));
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_and_keys_are_refused_like_grafana() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    let a = call(&stub, "GET", "/api/org", &[], None).await;
+    assert_eq!(
+        (a.status, a.body.to_string()),
+        (401, r#"{"message":"Unauthorized"}"#.into())
+    );
+    for token in [
+        "glsa_iNValIdinValiDinvalidinvalidinva_5b582697", // well-formed, unknown
+        "glsa_iNValIdinValiDinvalidinvalidinva_5b582698", // bad checksum
+        "eyJrIjoiT0tTcG1pUlY2RnVKZTFVaDFsNFZXdE9ZWmNrMkZYbk", // truncated
+    ] {
+        let a = call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer(token))],
+            None,
+        )
+        .await;
+        assert_eq!(a.status, 401);
+        assert_eq!(a.body["message"], "Invalid API key");
+        assert_eq!(a.body["messageId"], "api-key.invalid");
+        assert_eq!(a.body["statusCode"], 401);
+    }
+
+    let sa = stub.add_service_account("short", "Viewer");
+    let (_, token) = stub.add_sa_token(sa, "t", Some(60));
+    let (_, key) = stub.add_api_key("short-key", "Viewer", Some(60));
+    assert_eq!(
+        call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer(&token))],
+            None
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer(&key))],
+            None
+        )
+        .await
+        .status,
+        200
+    );
+    let admin = basic("admin", "admin");
+    let tokens = call(
+        &stub,
+        "GET",
+        &format!("/api/serviceaccounts/{sa}/tokens"),
+        &[("authorization", &admin)],
+        None,
+    )
+    .await;
+    let seconds = tokens.body[0]["secondsUntilExpiration"].as_f64().unwrap_or(0.0);
+    assert!(seconds > 50.0 && seconds <= 60.0, "{}", tokens.body);
+    stub.advance_clock(Duration::from_secs(61));
+    for credential in [&token, &key] {
+        let a = call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer(credential))],
+            None,
+        )
+        .await;
+        assert_eq!(
+            (a.status, a.body["message"].as_str()),
+            (401, Some("Expired API key"))
+        );
+    }
+    let tokens = call(
+        &stub,
+        "GET",
+        &format!("/api/serviceaccounts/{sa}/tokens"),
+        &[("authorization", &admin)],
+        None,
+    )
+    .await;
+    assert_eq!(tokens.body[0]["hasExpired"], true);
+}
+
+#[tokio::test]
+async fn five_failures_lock_the_user_and_failed_basic_counts() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    stub.add_user("alice", "right-pw", "Viewer", false);
+    for _ in 0..5 {
+        let a = call(
+            &stub,
+            "GET",
+            "/api/user",
+            &[("authorization", &basic("Alice", "wrong"))],
+            None,
+        )
+        .await;
+        assert_eq!(
+            (a.status, a.body["messageId"].as_str()),
+            (401, Some("password-auth.failed"))
+        );
+    }
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("authorization", &basic("alice", "right-pw"))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["messageId"].as_str()),
+        (401, Some("login-attempt.blocked"))
+    );
+    let a = call(
+        &stub,
+        "POST",
+        "/login",
+        &[("content-type", "application/json")],
+        Some(r#"{"user":"alice","password":"right-pw"}"#),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (401, Some("Invalid username or password"))
+    );
+    assert!(stub.login("alice", "right-pw").is_none());
+    stub.advance_clock(Duration::from_secs(5 * 60 + 1));
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("authorization", &basic("alice", "right-pw"))],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("alice")));
+
+    // `service_token` is just a username to Grafana: five tries lock it.
+    for _ in 0..5 {
+        call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &basic("service_token", "glsa_x_y"))],
+            None,
+        )
+        .await;
+    }
+    stub.add_user("service_token", "pw-1234", "Viewer", false);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/org",
+        &[("authorization", &basic("service_token", "pw-1234"))],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["messageId"], "login-attempt.blocked");
+}
+
+#[tokio::test]
+async fn sessions_login_rotate_revoke_logout() {
+    let stub = GrafanaStub::start(Flavor::Pmm).await;
+    let a = call(
+        &stub,
+        "POST",
+        "/login",
+        &[("content-type", "application/json")],
+        Some(r#"{"user":"admin@localhost","password":"admin"}"#),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.to_string(), r#"{"message":"Logged in","redirectUrl":"/"}"#);
+    let first = cookie_value(&a.headers, "pmm_session").expect("pmm_session cookie");
+    assert_eq!(first.len(), 32);
+    assert!(cookie_value(&a.headers, "grafana_session_expiry").is_some());
+    let c1 = format!("pmm_session={first}");
+    let a = call(&stub, "GET", "/api/user", &[("cookie", &c1)], None).await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("admin")));
+    let orgs = call(&stub, "GET", "/api/user/orgs", &[("cookie", &c1)], None).await;
+    assert_eq!(orgs.body[0]["role"], "Admin");
+
+    // Rotation: a new token, and the previous one keeps working.
+    let a = call(
+        &stub,
+        "POST",
+        "/api/user/auth-tokens/rotate",
+        &[("cookie", &c1)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let second = cookie_value(&a.headers, "pmm_session").expect("rotated cookie");
+    assert_ne!(first, second);
+    let c2 = format!("pmm_session={second}");
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("cookie", &c2)], None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("cookie", &c1)], None)
+            .await
+            .status,
+        200
+    );
+    // Rotation with Basic and no cookie: 401.
+    let a = call(
+        &stub,
+        "POST",
+        "/api/user/auth-tokens/rotate",
+        &[("authorization", &basic("admin", "admin"))],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 401);
+
+    // Another session, revoked from the first; the active one cannot be.
+    let other = stub.login("admin", "admin").expect("login");
+    let list = call(&stub, "GET", "/api/user/auth-tokens", &[("cookie", &c2)], None).await;
+    let list = list.body.as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 2);
+    let active = list.iter().find(|t| t["isActive"] == true).expect("active");
+    let inactive = list.iter().find(|t| t["isActive"] == false).expect("inactive");
+    let body = format!(r#"{{"authTokenId":{}}}"#, active["id"]);
+    let a = call(
+        &stub,
+        "POST",
+        "/api/user/revoke-auth-token",
+        &[("cookie", &c2)],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(a.status, 400);
+    let body = format!(r#"{{"authTokenId":{}}}"#, inactive["id"]);
+    let a = call(
+        &stub,
+        "POST",
+        "/api/user/revoke-auth-token",
+        &[("cookie", &c2)],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (200, Some("User auth token revoked"))
+    );
+    let c3 = format!("pmm_session={other}");
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("cookie", &c3)], None)
+            .await
+            .status,
+        401
+    );
+
+    // Sessions must be rotated every 10 minutes, and die after 7 idle days.
+    stub.advance_clock(Duration::from_secs(11 * 60));
+    let a = call(&stub, "GET", "/api/user", &[("cookie", &c2)], None).await;
+    assert_eq!(
+        (a.status, a.body["messageId"].as_str()),
+        (401, Some("session.token.rotate"))
+    );
+    let a = call(
+        &stub,
+        "POST",
+        "/api/user/auth-tokens/rotate",
+        &[("cookie", &c2)],
+        None,
+    )
+    .await;
+    let third = cookie_value(&a.headers, "pmm_session").expect("rotated again");
+    let c4 = format!("pmm_session={third}");
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("cookie", &c4)], None)
+            .await
+            .status,
+        200
+    );
+
+    let a = call(&stub, "GET", "/logout", &[("cookie", &c4)], None).await;
+    assert_eq!(a.status, 302);
+    assert_eq!(a.headers["location"], "/login");
+    assert_eq!(cookie_value(&a.headers, "pmm_session").as_deref(), Some(""));
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("cookie", &c4)], None)
+            .await
+            .status,
+        401
+    );
+}
+
+#[tokio::test]
+async fn management_calls_end_what_they_should() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    let admin = basic("admin", "admin");
+    let h = |v: &str| {
+        vec![
+            ("authorization", v.to_owned()),
+            ("content-type", "application/json".to_owned()),
+        ]
+    };
+    let hv = |v: &Vec<(&'static str, String)>| v.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>();
+    let headers = hv(&h(&admin));
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // Keys: create, use, duplicate, bad role, delete.
+    let a = call(
+        &stub,
+        "POST",
+        "/api/auth/keys",
+        &headers,
+        Some(r#"{"name":"k1","role":"Editor"}"#),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let key = a.body["key"].as_str().unwrap_or_default().to_owned();
+    assert!(key.starts_with("eyJrIjoi"));
+    let key_id = a.body["id"].as_i64().unwrap_or_default();
+    assert_eq!(
+        call(
+            &stub,
+            "POST",
+            "/api/auth/keys",
+            &headers,
+            Some(r#"{"name":"k1","role":"Editor"}"#)
+        )
+        .await
+        .status,
+        409
+    );
+    let a = call(
+        &stub,
+        "POST",
+        "/api/auth/keys",
+        &headers,
+        Some(r#"{"name":"k2","role":"Boss"}"#),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (400, Some("Invalid role specified"))
+    );
+    assert_eq!(
+        call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer(&key))],
+            None
+        )
+        .await
+        .status,
+        200
+    );
+    let a = call(
+        &stub,
+        "DELETE",
+        &format!("/api/auth/keys/{key_id}"),
+        &headers,
+        None,
+    )
+    .await;
+    assert_eq!(a.body.to_string(), r#"{"message":"API key deleted"}"#);
+    assert_eq!(
+        call(
+            &stub,
+            "DELETE",
+            &format!("/api/auth/keys/{key_id}"),
+            &headers,
+            None
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer(&key))],
+            None
+        )
+        .await
+        .status,
+        401
+    );
+
+    // Service accounts and tokens.
+    let a = call(
+        &stub,
+        "POST",
+        "/api/serviceaccounts",
+        &headers,
+        Some(r#"{"name":"grafana agent","role":"Viewer"}"#),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(a.body["login"], "sa-grafana-agent");
+    let sa = a.body["id"].as_i64().unwrap_or_default();
+    let a = call(
+        &stub,
+        "POST",
+        &format!("/api/serviceaccounts/{sa}/tokens"),
+        &headers,
+        Some(r#"{"name":"t1"}"#),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let token = a.body["key"].as_str().unwrap_or_default().to_owned();
+    let token_id = a.body["id"].as_i64().unwrap_or_default();
+    let a = call(
+        &stub,
+        "GET",
+        "/api/serviceaccounts/search?query=agent&perpage=10&page=1",
+        &headers,
+        None,
+    )
+    .await;
+    assert_eq!(a.body["totalCount"], 1);
+    assert_eq!(a.body["serviceAccounts"][0]["tokens"], 1);
+    let a = call(
+        &stub,
+        "PATCH",
+        &format!("/api/serviceaccounts/{sa}"),
+        &headers,
+        Some(r#"{"role":"Admin"}"#),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (200, Some("Service account updated"))
+    );
+    let a = call(
+        &stub,
+        "GET",
+        "/api/auth/keys",
+        &[("authorization", &bearer(&token))],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200, "the token is Admin now");
+    let a = call(
+        &stub,
+        "PATCH",
+        &format!("/api/serviceaccounts/{sa}"),
+        &headers,
+        Some(r#"{"isDisabled":true}"#),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/org",
+        &[("authorization", &bearer(&token))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["messageId"].as_str()),
+        (401, Some("service-account.disabled"))
+    );
+    call(
+        &stub,
+        "PATCH",
+        &format!("/api/serviceaccounts/{sa}"),
+        &headers,
+        Some(r#"{"isDisabled":false}"#),
+    )
+    .await;
+    let a = call(
+        &stub,
+        "DELETE",
+        &format!("/api/serviceaccounts/{sa}/tokens/{token_id}"),
+        &headers,
+        None,
+    )
+    .await;
+    assert_eq!(a.body["message"], "Service account token deleted");
+    assert_eq!(
+        call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer(&token))],
+            None
+        )
+        .await
+        .status,
+        401
+    );
+    let a = call(
+        &stub,
+        "DELETE",
+        &format!("/api/serviceaccounts/{sa}"),
+        &headers,
+        None,
+    )
+    .await;
+    assert_eq!(a.body["message"], "Service account deleted");
+
+    // Users: created by the server admin, changed, disabled, deleted.
+    let a = call(
+        &stub,
+        "POST",
+        "/api/admin/users",
+        &headers,
+        Some(r#"{"login":"bob","email":"bob@x","password":"bob-pw-1"}"#),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let bob = a.body["id"].as_i64().unwrap_or_default();
+    let bob_auth = basic("bob", "bob-pw-1");
+    let bob_session = stub.login("bob", "bob-pw-1").expect("login");
+    let orgs = call(
+        &stub,
+        "GET",
+        "/api/user/orgs",
+        &[("authorization", &bob_auth)],
+        None,
+    )
+    .await;
+    assert_eq!(orgs.body[0]["role"], "Viewer");
+    let a = call(
+        &stub,
+        "PATCH",
+        &format!("/api/org/users/{bob}"),
+        &headers,
+        Some(r#"{"role":"Editor"}"#),
+    )
+    .await;
+    assert_eq!(a.body["message"], "Organization user updated");
+    let orgs = call(
+        &stub,
+        "GET",
+        "/api/user/orgs",
+        &[("authorization", &bob_auth)],
+        None,
+    )
+    .await;
+    assert_eq!(orgs.body[0]["role"], "Editor");
+    let a = call(
+        &stub,
+        "GET",
+        "/api/auth/keys",
+        &[("authorization", &bob_auth)],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body.to_string()),
+        (403, r#"{"message":"Permission denied"}"#.into())
+    );
+    let a = call(
+        &stub,
+        "PUT",
+        &format!("/api/admin/users/{bob}/permissions"),
+        &[("authorization", &bob_auth)],
+        Some(r#"{"isGrafanaAdmin":true}"#),
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    let a = call(
+        &stub,
+        "POST",
+        &format!("/api/admin/users/{bob}/disable"),
+        &headers,
+        None,
+    )
+    .await;
+    assert_eq!(a.body["message"], "User disabled");
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("authorization", &bob_auth)], None)
+            .await
+            .status,
+        401
+    );
+    let cookie = format!("grafana_session={bob_session}");
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("cookie", &cookie)], None)
+            .await
+            .status,
+        401
+    );
+    call(
+        &stub,
+        "POST",
+        &format!("/api/admin/users/{bob}/enable"),
+        &headers,
+        None,
+    )
+    .await;
+    let a = call(
+        &stub,
+        "PUT",
+        &format!("/api/admin/users/{bob}/password"),
+        &headers,
+        Some(r#"{"password":"new-pw-2"}"#),
+    )
+    .await;
+    assert_eq!(a.body["message"], "User password updated");
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("authorization", &bob_auth)], None)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        call(
+            &stub,
+            "GET",
+            "/api/user",
+            &[("authorization", &basic("bob", "new-pw-2"))],
+            None
+        )
+        .await
+        .status,
+        200
+    );
+    let a = call(
+        &stub,
+        "DELETE",
+        &format!("/api/admin/users/{bob}"),
+        &headers,
+        None,
+    )
+    .await;
+    assert_eq!(a.body["message"], "User deleted");
+    assert_eq!(
+        call(
+            &stub,
+            "GET",
+            "/api/user",
+            &[("authorization", &basic("bob", "new-pw-2"))],
+            None
+        )
+        .await
+        .status,
+        401
+    );
+}
+
+#[tokio::test]
+async fn proxy_paths_echo_and_pmm_version_is_open() {
+    let stub = GrafanaStub::start(Flavor::Pmm).await;
+    let a = call(&stub, "GET", "/v1/version", &[], None).await;
+    assert_eq!((a.status, &a.body["version"]), (200, &Value::from("3.1.0")));
+    assert_eq!(a.body["server"]["version"], "3.1.0");
+    let a = call(
+        &stub,
+        "GET",
+        "/v1/inventory/nodes?x=1",
+        &[("x-webauth-user", "viewer1"), ("x-webauth-user", "again")],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["path"], "/v1/inventory/nodes");
+    assert_eq!(a.body["query"], "x=1");
+    assert_eq!(
+        a.body["headers"]["x-webauth-user"],
+        serde_json::json!(["viewer1", "again"])
+    );
+    let a = call(&stub, "POST", "/__stub/echo/anything", &[], Some("hello")).await;
+    assert_eq!(
+        (a.body["method"].as_str(), a.body["body"].as_str()),
+        (Some("POST"), Some("hello"))
+    );
+    let a = call(&stub, "GET", "/api/nope", &[], None).await;
+    assert_eq!(a.status, 404);
+    let a = call(&stub, "GET", "/api/health", &[], None).await;
+    assert_eq!((a.status, &a.body["database"]), (200, &Value::from("ok")));
+}
+
+#[tokio::test]
+async fn auth_proxy_trusts_loopback_headers() {
+    let stub = GrafanaStub::start_with(StubOptions {
+        flavor: Flavor::Grafana11,
+        auth_proxy: true,
+        ..StubOptions::default()
+    })
+    .await;
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("x-webauth-user", "carol"), ("x-webauth-role", "Editor")],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("carol")));
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user/orgs",
+        &[("x-webauth-user", "carol")],
+        None,
+    )
+    .await;
+    assert_eq!(a.body[0]["role"], "Editor");
+}
+
+#[tokio::test]
+async fn down_slow_and_stopped() {
+    let stub = GrafanaStub::start_with(StubOptions {
+        flavor: Flavor::Grafana11,
+        session_cookie: Some("my_session".into()),
+        ..StubOptions::default()
+    })
+    .await;
+    let session = stub.login("admin", "admin").expect("login");
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("cookie", &format!("my_session={session}"))],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+
+    stub.set_unavailable(true);
+    assert_eq!(call(&stub, "GET", "/api/health", &[], None).await.status, 503);
+    stub.set_unavailable(false);
+
+    stub.set_delay(Some(Duration::from_millis(300)));
+    let started = std::time::Instant::now();
+    assert_eq!(call(&stub, "GET", "/api/health", &[], None).await.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    stub.set_delay(None);
+
+    // An open keep-alive connection is closed too.
+    let stream = tokio::net::TcpStream::connect(stub.addr())
+        .await
+        .expect("connect");
+    let (_sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    let conn = tokio::spawn(conn);
+    stub.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(stub.addr()).await.is_err(),
+        "the port refuses"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
+    assert!(closed.is_ok(), "open connections are closed");
+}
