@@ -117,9 +117,19 @@ pub fn set_forwarded(
     trusted_peer: bool,
 ) {
     let peer_ip = peer.ip().to_string();
-    let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if trusted_peer => format!("{prior}, {peer_ip}"),
-        _ => peer_ip,
+    // Several header lines are one comma-separated list (RFC 9110 §5.3): keep
+    // every hop the trusted proxy reported, in order, not just the first line.
+    let prior: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let chain = if trusted_peer && !prior.is_empty() {
+        format!("{}, {peer_ip}", prior.join(", "))
+    } else {
+        peer_ip
     };
     if let Ok(value) = HeaderValue::from_str(&chain) {
         headers.insert(X_FORWARDED_FOR, value);

@@ -44,6 +44,11 @@ impl Shutdown {
 pub struct Limits {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// Time from the handshake to the first complete request head. hyper's
+    /// `header_read_timeout` only runs once HTTP/1 has been recognised: a
+    /// client that sends nothing (or a partial HTTP/2 preface) after the
+    /// handshake would otherwise hold a slot until `idle_timeout`.
+    pub first_request_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
 }
@@ -157,8 +162,19 @@ impl TlsServer {
         });
         let mut conn = pin!(self.http.serve_connection_with_upgrades(io, service));
         let mut closing = false;
+        let mut first_request = pin!(tokio::time::sleep(self.limits.first_request_timeout));
+        let mut awaiting_first = true;
         loop {
             tokio::select! {
+                // A guard is read when `select!` starts, not when the timer
+                // fires: check again, or a busy connection is cut mid-request.
+                _ = first_request.as_mut(), if awaiting_first && !closing => {
+                    awaiting_first = false;
+                    if !activity.any_request() {
+                        tracing::debug!(%peer, "no request head in time; closing");
+                        return;
+                    }
+                }
                 result = conn.as_mut() => {
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -184,6 +200,7 @@ struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     busy: AtomicUsize,
+    requests: AtomicU64,
 }
 
 struct Busy<'a>(&'a AtomicUsize);
@@ -200,6 +217,7 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
         }
     }
 
@@ -209,8 +227,13 @@ impl Activity {
     }
 
     fn busy(&self) -> Busy<'_> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.busy.fetch_add(1, Ordering::Relaxed);
         Busy(&self.busy)
+    }
+
+    fn any_request(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
     }
 
     /// Resolves once the connection saw no I/O for `limit` and no request is

@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod raw;
+pub mod upstream;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

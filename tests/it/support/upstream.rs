@@ -84,7 +84,10 @@ pub mod pattern {
         type Data = Bytes;
         type Error = Infallible;
 
-        fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
             if self.remaining == 0 {
                 return Poll::Ready(None);
             }
@@ -104,7 +107,9 @@ pub mod pattern {
     }
 
     /// The same bytes as a stream for `reqwest::Body::wrap_stream`.
-    pub fn stream(len: u64) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static {
+    pub fn stream(
+        len: u64,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static {
         futures_util::stream::unfold(len, |remaining| async move {
             if remaining == 0 {
                 return None;
@@ -249,7 +254,11 @@ async fn handle(mut request: Request<Incoming>, state: Arc<State>) -> Response<U
     state.requests.fetch_add(1, Ordering::SeqCst);
     let path = request.uri().path().to_owned();
     if let Some(code) = path.strip_prefix("/status/") {
-        let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+        let status = code
+            .parse()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST);
         let _ = request.into_body().collect().await;
         let mut response = json(status, &serde_json::json!({"status": status.as_u16()}));
         if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
@@ -274,14 +283,20 @@ async fn handle(mut request: Request<Incoming>, state: Arc<State>) -> Response<U
             let mut pattern_ok = true;
             while let Some(frame) = body.frame().await {
                 let Ok(frame) = frame else {
-                    return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "body broke off", "bytes": count}));
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": "body broke off", "bytes": count}),
+                    );
                 };
                 if let Some(data) = frame.data_ref() {
                     pattern_ok &= pattern::matches(count, data);
                     count += data.len() as u64;
                 }
             }
-            json(StatusCode::OK, &serde_json::json!({"bytes": count, "pattern_ok": pattern_ok}))
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"bytes": count, "pattern_ok": pattern_ok}),
+            )
         }
         "/slow" => {
             let ms = query_param(&request, "ms").unwrap_or(1000);
@@ -317,7 +332,10 @@ fn websocket(request: &mut Request<Incoming>) -> Response<UpBody> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let (Some(key), true) = (key, is_ws) else {
-        return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "not a websocket request"}));
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "not a websocket request"}),
+        );
     };
     let seen = headers_json(request.headers());
     let upgrade = hyper::upgrade::on(request);
@@ -329,17 +347,13 @@ fn websocket(request: &mut Request<Incoming>) -> Response<UpBody> {
             return;
         }
         while let Some(Ok(message)) = ws.next().await {
-            match message {
-                Message::Text(_) | Message::Binary(_) => {
-                    if ws.send(message).await.is_err() {
-                        return;
-                    }
-                }
-                Message::Close(_) => {
-                    let _ = ws.close(None).await;
-                    return;
-                }
-                _ => {}
+            if message.is_close() {
+                let _ = ws.close(None).await;
+                return;
+            }
+            let echo = message.is_text() || message.is_binary();
+            if echo && ws.send(message).await.is_err() {
+                return;
             }
         }
     });
@@ -350,8 +364,10 @@ fn websocket(request: &mut Request<Incoming>) -> Response<UpBody> {
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(
         header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
-            .expect("accept key is a header value"),
+        HeaderValue::from_str(&tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+            key.as_bytes(),
+        ))
+        .expect("accept key is a header value"),
     );
     response
 }
