@@ -306,7 +306,7 @@ if [[ "$PEERS_ONLY" != 1 ]]; then
   fill=$RUN/l2-fill.curl; : > "$fill"
   while read -r tok; do
     [[ -s "$fill" ]] && echo next >> "$fill"
-    printf 'url = "https://127.0.0.1:%s/"\nheader = "Authorization: Bearer %s"\noutput = "/dev/null"\nwrite-out = "%%{http_code}\\n"\n' "$PORT_PC_L2A" "$tok" >> "$fill"
+    printf 'insecure\nurl = "https://127.0.0.1:%s/"\nheader = "Authorization: Bearer %s"\noutput = "/dev/null"\nwrite-out = "%%{http_code}\\n"\n' "$PORT_PC_L2A" "$tok" >> "$fill"
   done < "$TOKENS_FILE"
   curl -sk -K "$fill" > "$RAW/l2-fill.codes" || true
   ok=$(grep -c '^200$' "$RAW/l2-fill.codes" || true)
@@ -395,16 +395,16 @@ pre_run() {  # pre_run CASE
       REDIS_HITS0=$(redis_stat keyspace_hits) ;;
   esac
 }
-post_run() {  # post_run CASE REQUESTS WRK_OUTPUT -> prints a note
+post_run() {  # post_run CASE REQUESTS WRK_OUTPUT -> sets POST_NOTE (no subshell: it stops processes)
+  POST_NOTE=""
   case $1 in
     portcullis-cold)
       note_rss portcullis-cold "$(vmhwm_kib "${PID_OF[pc-cold]}")"; stop_name pc-cold
-      if grep -q '^Once-Elapsed: [0-9]' "$3"; then echo "exhausted"; else echo "partial"; fi ;;
+      if grep -q '^Once-Elapsed: [0-9]' "$3"; then POST_NOTE=exhausted; else POST_NOTE=partial; fi ;;
     portcullis-l2)
       local hits; hits=$(( $(redis_stat keyspace_hits) - REDIS_HITS0 ))
       note_rss portcullis-l2 "$(vmhwm_kib "${PID_OF[pc-l2b]}")"; stop_name pc-l2b
-      echo "l2hits=$hits" ;;
-    *) echo "" ;;
+      POST_NOTE="l2hits=$hits" ;;
   esac
 }
 redis_stat() { redis-cli -p "$PORT_REDIS" info stats | tr -d '\r' | awk -F: -v k="$1" '$1 == k {print $2}'; }
@@ -519,7 +519,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
       run_wrk "$name" "$c" "$DURATION" "$out"
       if [[ "$name" == *-h2 ]]; then read -r rps p50 p99 req n2 err < <(parse_h2load "$out")
       else read -r rps p50 p99 req n2 err < <(parse_wrk "$out"); fi
-      note=$(post_run "$name" "$req" "$out")
+      post_run "$name" "$req" "$out"; note=$POST_NOTE
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "$note" >> "$RESULTS"
       log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms$( ((n2 == 0)) || echo " NON-2XX=$n2")$( ((err == 0)) || echo " sockerr=$err")${note:+ $note}"
       sleep 0.5

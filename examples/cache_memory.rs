@@ -22,7 +22,10 @@ fn rss_kib(field: &str) -> u64 {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(100_000);
     let config = CacheConfig {
         max_entries: n,
         ..CacheConfig::default()

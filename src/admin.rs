@@ -29,6 +29,7 @@ pub struct Metrics {
     pub responses_4xx: AtomicU64,
     pub responses_5xx: AtomicU64,
     pub cache_hits: AtomicU64,
+    pub redis_hits: AtomicU64,
     pub verifications: AtomicU64,
     pub revocations: AtomicU64,
     pub connections_refused: AtomicU64,
@@ -46,6 +47,7 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
         match source {
             Some(Source::Local) => self.cache_hits.fetch_add(1, Ordering::Relaxed),
+            Some(Source::Shared) => self.redis_hits.fetch_add(1, Ordering::Relaxed),
             Some(Source::Verifier) => self.verifications.fetch_add(1, Ordering::Relaxed),
             None => 0,
         };
@@ -191,6 +193,7 @@ impl Admin {
             "Credential lookups by where the answer came from.",
             &[
                 ("{source=\"cache\"}", load(&m.cache_hits)),
+                ("{source=\"redis\"}", load(&m.redis_hits)),
                 ("{source=\"verifier\"}", load(&m.verifications)),
             ],
         );
@@ -204,6 +207,7 @@ impl Admin {
             "Connections closed at accept because server.max_connections was reached.",
             &[("", load(&m.connections_refused))],
         );
+        self.cache.render_metrics(&mut out);
         let _ = writeln!(
             out,
             "# HELP portcullis_cache_entries Identities held in memory.\n# TYPE portcullis_cache_entries gauge\nportcullis_cache_entries {}",

@@ -502,10 +502,8 @@ impl Config {
             ));
         }
         if self.cache.redis.enabled() {
-            if !self.cache.redis.url.is_empty() && self.cache.redis.cluster.is_empty() {
-                redis::parse_redis_url(&self.cache.redis.url)
-                    .ok_or_else(|| ConfigError::key("cache.redis.url", "not a redis:// or rediss:// URL"))?;
-            }
+            crate::cache::shared::Target::parse(&self.cache.redis, self.cache.redis.timeout)
+                .map_err(|(key, reason)| ConfigError::key(key, reason))?;
             if self.cache.redis.timeout.is_zero() {
                 return Err(ConfigError::key("cache.redis.timeout", "must be more than zero"));
             }

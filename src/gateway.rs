@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 
 use crate::admin::Metrics;
 use crate::auth::{Credential, CredentialError, Identity, Role, Verifier, VerifyError};
-use crate::cache::{Cache, CacheKey, Outcome, Source};
+use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, Profile};
 use crate::proxy::{self, Body, Forwarder, ProxyError, TrustedProxies};
 use crate::revoke::{revocation_for, Revocation};
@@ -285,7 +285,7 @@ impl Gateway {
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 upstream_ms = outcomes.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
                 user = outcomes.identity.as_deref().map(|i| i.login.as_str()),
-                cache = outcomes.source.map(|s| match s { Source::Local => "hit", Source::Verifier => "miss" }),
+                cache = outcomes.source.map(|s| match s { Source::Local => "hit", Source::Shared => "redis", Source::Verifier => "miss" }),
             );
         }
         response
@@ -383,7 +383,8 @@ impl Gateway {
                 outcomes.identity.as_deref(),
                 cache_key,
                 credential.as_ref(),
-            );
+            )
+            .await;
         }
         Ok(forwarded.response)
     }
@@ -425,7 +426,9 @@ impl Gateway {
         }
     }
 
-    fn revoke_after(
+    /// Applies what a successful management call revoked — here, in Redis and
+    /// on every replica — before its response goes back to the client.
+    async fn revoke_after(
         &self,
         method: &Method,
         path: &str,
@@ -433,25 +436,26 @@ impl Gateway {
         cache_key: Option<CacheKey>,
         credential: Option<&Credential>,
     ) {
-        for revocation in revocation_for(method, path, identity) {
-            match revocation {
+        let revocations = revocation_for(method, path, identity);
+        let mut evictions = Vec::with_capacity(revocations.len());
+        for revocation in &revocations {
+            match *revocation {
                 Revocation::Caller => {
                     // Logout is an anonymous route: its key was not computed.
                     let key = cache_key.or_else(|| credential.map(|c| self.cache.keyer.key(c)));
                     if let Some(key) = key {
-                        self.cache.invalidate_key(&key);
+                        evictions.push(Eviction::Key(key));
                     }
                 }
-                Revocation::Principal(principal) => {
-                    self.cache.invalidate_principal(principal);
-                }
-                Revocation::Method(m) => {
-                    self.cache.invalidate_method(m);
-                }
+                Revocation::Principal(principal) => evictions.push(Eviction::Principal(principal)),
+                Revocation::Method(m) => evictions.push(Eviction::Method(m)),
             }
             self.metrics.revocations.fetch_add(1, Ordering::Relaxed);
+        }
+        if !evictions.is_empty() {
+            self.cache.invalidate(&evictions).await;
             tracing::info!(
-                ?revocation,
+                ?revocations,
                 path,
                 "invalidated cached credentials after a management call"
             );

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::{Admin, Metrics, Readiness};
+use crate::admin::{Admin, Metrics, Readiness, RedisState};
 use crate::cache::{Cache, KeyOrigin, Keyer};
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -79,10 +79,37 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
     tracing::info!(fingerprint = %material.fingerprint, cert = %config.tls.cert.display(), "TLS certificate loaded (SHA-256)");
 
     let keyer = Keyer::from_config(&config.cache, env_cache_key.as_deref())?;
+    let redis = &config.cache.redis;
+    if redis.enabled() && keyer.origin == KeyOrigin::Random {
+        return Err(config::ConfigError::Key {
+            key: "cache.key_file".into(),
+            reason: format!(
+                "Redis is configured ({}), so replicas share cache entries and need the same HMAC key: \
+                 set cache.key_file or {}",
+                if redis.cluster.is_empty() {
+                    "cache.redis.url"
+                } else {
+                    "cache.redis.cluster"
+                },
+                config::CACHE_KEY_ENV
+            ),
+        }
+        .into());
+    }
     if keyer.origin == KeyOrigin::Random {
         tracing::info!("cache HMAC key is random for this process (set cache.key_file to share a cache)");
     }
-    let cache = Arc::new(Cache::new(&config.cache, keyer));
+    let mut cache = Cache::new(&config.cache, keyer);
+    if redis.enabled() {
+        let shared = cache::Shared::connect(redis, config.cache.ttl)
+            .await
+            .map_err(|(key, reason)| config::ConfigError::Key {
+                key: key.into(),
+                reason,
+            })?;
+        cache = cache.with_shared(shared);
+    }
+    let cache = Arc::new(cache);
     cache.spawn_purger();
     let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway::new(&config, cache.clone(), metrics.clone())?);
@@ -139,6 +166,12 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let (stop, shutdown) = Shutdown::new();
+    if let Some(shared) = cache.shared() {
+        let readiness = readiness.clone();
+        shared
+            .on_state(move |up| readiness.set_redis(if up { RedisState::Up } else { RedisState::Degraded }));
+    }
+    cache.start_shared(shutdown.clone()).await;
     tls::spawn_reloader(config.tls.clone(), material.resolver.clone(), shutdown.clone());
 
     let admin = Arc::new(Admin {
@@ -154,6 +187,7 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
         limits: Limits {
             max_connections: config.server.max_connections,
             handshake_timeout: config.server.tls_handshake_timeout,
+            first_request_timeout: config.server.header_read_timeout,
             idle_timeout: config.server.idle_timeout,
             shutdown_grace: config.server.shutdown_grace,
         },

@@ -195,10 +195,11 @@ impl TlsServer {
     }
 }
 
-/// Last I/O on a connection and requests being handled on it.
+/// I/O seen on a connection and requests being handled on it. Reads and
+/// writes only bump a counter: reading the clock on every one cost more than
+/// the idle check it serves.
 struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+    io_events: AtomicU64,
     busy: AtomicUsize,
     requests: AtomicU64,
 }
@@ -214,16 +215,14 @@ impl Drop for Busy<'_> {
 impl Activity {
     fn new() -> Activity {
         Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            io_events: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.io_events.fetch_add(1, Ordering::Relaxed);
     }
 
     fn busy(&self) -> Busy<'_> {
@@ -239,14 +238,20 @@ impl Activity {
     /// Resolves once the connection saw no I/O for `limit` and no request is
     /// being handled (a slow upstream is not the client's idleness).
     async fn idle_for(&self, limit: Duration) {
+        // Sampled a few times per period: closes between `limit` and
+        // `limit + step` after the last I/O.
+        let step = (limit / 4).max(Duration::from_millis(100));
+        let mut seen = self.io_events.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
         loop {
-            let now = self.start.elapsed();
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let idle = now.saturating_sub(last);
-            if idle >= limit && self.busy.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(step).await;
+            let now = self.io_events.load(Ordering::Relaxed);
+            if now != seen || self.busy.load(Ordering::Relaxed) > 0 {
+                seen = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= limit {
                 return;
             }
-            tokio::time::sleep(limit.saturating_sub(idle).max(Duration::from_millis(100))).await;
         }
     }
 }

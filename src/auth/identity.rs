@@ -156,7 +156,11 @@ impl Identity {
     /// request: keeping them ready would double the memory of every cached
     /// identity for a saving of a few small copies.
     pub fn header_values(&self) -> [Option<HeaderValue>; 5] {
-        let text = |s: &str| (!s.is_empty()).then(|| HeaderValue::from_bytes(s.as_bytes()).ok()).flatten();
+        let text = |s: &str| {
+            (!s.is_empty())
+                .then(|| HeaderValue::from_bytes(s.as_bytes()).ok())
+                .flatten()
+        };
         [
             text(&self.login),
             // Grafana's auth proxy takes org roles only.

@@ -10,8 +10,41 @@ use crate::config::{CacheConfig, ConfigError, CACHE_KEY_ENV};
 /// Shortest HMAC key accepted from a file or the environment.
 const MIN_KEY_BYTES: usize = 32;
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CacheKey(pub [u8; 32]);
+
+/// HMAC output is already uniformly random: its first eight bytes are the
+/// hash, with no SipHash round over all 32 bytes on every lookup.
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// Hasher for maps keyed by [`CacheKey`]: passes the key's own bits through.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached by other key types; fold them in (FNV-1a).
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 ^= value;
+    }
+}
+
+pub type KeyHashBuilder = std::hash::BuildHasherDefault<KeyHasher>;
 
 impl std::fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
+use super::key::KeyHashBuilder;
 use super::CacheKey;
 use crate::auth::{AuthMethod, DenyReason, Identity, Principal};
 
@@ -24,14 +25,14 @@ struct Entry {
 }
 
 pub struct LocalCache {
-    map: DashMap<CacheKey, Entry>,
+    map: DashMap<CacheKey, Entry, KeyHashBuilder>,
     max_entries: usize,
 }
 
 impl LocalCache {
     pub fn new(max_entries: usize) -> LocalCache {
         LocalCache {
-            map: DashMap::with_capacity(max_entries.min(4096)),
+            map: DashMap::with_capacity_and_hasher(max_entries.min(4096), KeyHashBuilder::default()),
             max_entries,
         }
     }

@@ -1,19 +1,28 @@
 //! Remembered verifications: L1 in-process map, merged concurrent misses, and
 //! (for fleets) L2 in Redis with an eviction bus.
+//!
+//! Lookup order: L1 (DashMap) → L2 (Redis) → verifier, with write-through of
+//! every fresh verification. An L1 hit never touches Redis.
 
+mod bus;
 mod key;
 mod local;
+pub mod shared;
 
 pub use key::{CacheKey, KeyOrigin, Keyer};
 pub use local::{LocalCache, Outcome};
+pub use shared::{Shared, SharedStats};
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::OnceCell;
+use tokio::sync::{watch, OnceCell, RwLock};
+
+use crate::server::Shutdown;
 
 use crate::auth::identity::now_ms;
 use crate::auth::{AuthMethod, Principal, Verdict, VerifyError};
@@ -24,8 +33,22 @@ type Flight = Arc<OnceCell<Result<Outcome, VerifyError>>>;
 /// How a lookup was answered, for metrics and the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// L1: this process's memory.
     Local,
+    /// L2: Redis, verified by some replica of the fleet.
+    Shared,
     Verifier,
+}
+
+/// What one revocation drops, here and on every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// One credential (e.g. the session a logout ended).
+    Key(CacheKey),
+    /// Every credential of one principal, or of a whole kind when `id` is 0.
+    Principal(Principal),
+    /// Every credential that authenticated one way.
+    Method(AuthMethod),
 }
 
 pub struct Cache {
@@ -38,6 +61,15 @@ pub struct Cache {
     /// must not write its (possibly stale) answer into the cache.
     generation: AtomicU64,
     pub stats: CacheStats,
+    /// L2 and the eviction bus, when `cache.redis` is configured.
+    shared: Option<Arc<Shared>>,
+    /// Write-throughs to Redis hold a read guard; an eviction takes the
+    /// write side to wait until those in flight have landed.
+    writes: RwLock<()>,
+    /// Broadcasts waiting for confirmations, by message id.
+    waiters: DashMap<String, watch::Sender<usize>>,
+    instance: String,
+    next_message: AtomicU64,
 }
 
 #[derive(Default)]
@@ -58,11 +90,35 @@ impl Cache {
             negative_ttl: config.negative_ttl,
             generation: AtomicU64::new(0),
             stats: CacheStats::default(),
+            shared: None,
+            writes: RwLock::new(()),
+            waiters: DashMap::new(),
+            instance: hex::encode(rand::random::<[u8; 8]>()),
+            next_message: AtomicU64::new(0),
         }
     }
 
-    /// The cached outcome for `key`, or the verifier's, asked at most once at a
-    /// time per key however many requests wait for it.
+    /// Adds L2 and the eviction bus.
+    pub fn with_shared(mut self, shared: Arc<Shared>) -> Cache {
+        self.shared = Some(shared);
+        self
+    }
+
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
+    /// Subscribes to the eviction bus (now, if Redis answers) and starts the
+    /// background reconnection; no-op without Redis.
+    pub async fn start_shared(self: &Arc<Self>, shutdown: Shutdown) {
+        if let Some(shared) = &self.shared {
+            shared.spawn_reconnector(shutdown.clone());
+            bus::start(self, shared.clone(), shutdown).await;
+        }
+    }
+
+    /// The cached outcome for `key`, or Redis's, or the verifier's, asked at
+    /// most once at a time per key however many requests wait for it.
     pub async fn resolve<F, Fut>(&self, key: CacheKey, verify: F) -> Result<(Outcome, Source), VerifyError>
     where
         F: FnOnce() -> Fut,
@@ -86,11 +142,27 @@ impl Cache {
                 if let Some(outcome) = self.local.get(&key, now_ms()) {
                     return Ok(outcome);
                 }
+                let generation = self.generation.load(Ordering::SeqCst);
+                if let Some(shared) = &self.shared {
+                    if let Some(identity) = shared.get(&key).await {
+                        source = Source::Shared;
+                        let expires = identity.expires_at_ms;
+                        let outcome = Outcome::Allowed(Arc::new(identity));
+                        self.insert_if_current(key, outcome.clone(), expires, generation);
+                        return Ok(outcome);
+                    }
+                }
                 source = Source::Verifier;
-                let generation = self.generation.load(Ordering::Acquire);
                 self.stats.verifications.fetch_add(1, Ordering::Relaxed);
                 let verdict = verify().await?;
-                Ok(self.store(key, verdict, generation))
+                let outcome = self.store(key, verdict, generation);
+                if let (Some(shared), Outcome::Allowed(identity)) = (&self.shared, &outcome) {
+                    let _writing = self.writes.read().await;
+                    if self.generation.load(Ordering::SeqCst) == generation {
+                        shared.put(&key, identity).await;
+                    }
+                }
+                Ok(outcome)
             })
             .await
             .clone();
@@ -102,46 +174,224 @@ impl Cache {
         let now = now_ms();
         let (outcome, expires_at_ms) = match verdict {
             Verdict::Allowed(mut identity) => {
-                identity.stamp(self.ttl, None);
+                // A verifier may know the credential's own expiry.
+                let own_expiry = (identity.expires_at_ms > 0).then_some(identity.expires_at_ms);
+                identity.stamp(self.ttl, own_expiry);
                 let expires = identity.expires_at_ms;
-                (Outcome::Allowed(Arc::from(identity)), expires)
+                (Outcome::Allowed(Arc::new(*identity)), expires)
             }
             Verdict::Denied(reason) => (
                 Outcome::Denied(reason),
                 now.saturating_add(self.negative_ttl.as_millis() as u64),
             ),
         };
-        let cacheable = expires_at_ms > now && self.generation.load(Ordering::Acquire) == generation;
-        if cacheable {
-            self.local.insert(key, outcome.clone(), expires_at_ms, now);
+        if expires_at_ms > now {
+            self.insert_if_current(key, outcome.clone(), expires_at_ms, generation);
         }
         outcome
     }
 
-    /// Drops one credential (e.g. the session a logout ended).
-    pub fn invalidate_key(&self, key: &CacheKey) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// Caches an answer obtained under `generation` unless an eviction came
+    /// in meanwhile. Checked again after the insert: an eviction that bumped
+    /// the generation in between may have swept before our entry existed.
+    fn insert_if_current(&self, key: CacheKey, outcome: Outcome, expires_at_ms: u64, generation: u64) {
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        self.local.insert(key, outcome, expires_at_ms, now_ms());
+        if self.generation.load(Ordering::SeqCst) != generation {
+            self.local.remove(&key);
+        }
+    }
+
+    /// Drops what `evictions` name from this process's memory and stops
+    /// verifications in flight from caching their answers.
+    fn evict_local(&self, evictions: &[Eviction]) -> usize {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
-        self.local.remove(key);
+        evictions
+            .iter()
+            .map(|eviction| match *eviction {
+                Eviction::Key(key) => usize::from(self.local.remove(&key)),
+                Eviction::Principal(principal) => self
+                    .local
+                    .remove_matching(|p, _| {
+                        p.kind == principal.kind && (principal.id == 0 || p.id == principal.id || p.id == 0)
+                    })
+                    .len(),
+                Eviction::Method(method) => self.local.remove_matching(|_, m| m == method).len(),
+            })
+            .sum()
+    }
+
+    /// Waits until the Redis write-throughs in flight have landed (or timed
+    /// out); later ones see the bumped generation and do not write.
+    async fn settle_writes(&self) {
+        drop(self.writes.write().await);
+    }
+
+    /// After a gap in the eviction feed: anything remembered before now may
+    /// have been revoked meanwhile.
+    fn after_gap(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let dropped = self.local.remove_older_than(now_ms());
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                "eviction bus (re)joined: dropped memory entries that may have missed evictions"
+            );
+        }
+    }
+
+    fn acknowledged(&self, id: &str) {
+        if let Some(waiter) = self.waiters.get(id) {
+            waiter.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Revokes: here, in Redis and on every replica, before returning (see
+    /// `bus`). Without Redis, or while it is down, only here. Returns the
+    /// number of memory entries dropped here.
+    pub async fn invalidate(&self, evictions: &[Eviction]) -> usize {
+        let dropped = self.evict_local(evictions);
+        self.settle_writes().await;
+        if let Some(shared) = &self.shared {
+            if shared.is_commands_up() {
+                let started = std::time::Instant::now();
+                let confirmed = self.broadcast(shared, evictions).await;
+                let deleted = shared.delete(evictions).await;
+                let confirmed = self.broadcast(shared, evictions).await && confirmed;
+                // Our own subscriber did this too, unless it is down.
+                self.evict_local(evictions);
+                shared
+                    .stats
+                    .last_revocation_us
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if !(confirmed && deleted) {
+                    tracing::warn!(
+                        ?evictions,
+                        confirmed,
+                        deleted,
+                        "revocation not confirmed by every replica or not applied in Redis in time"
+                    );
+                }
+            } else {
+                tracing::warn!(
+                    ?evictions,
+                    "Redis is down: revocation applied on this replica only"
+                );
+            }
+        }
+        dropped
+    }
+
+    /// Publishes an eviction and waits until every subscriber confirmed it
+    /// (bounded by four Redis time-outs).
+    async fn broadcast(&self, shared: &Shared, evictions: &[Eviction]) -> bool {
+        let id = format!(
+            "{}-{}",
+            self.instance,
+            self.next_message.fetch_add(1, Ordering::Relaxed)
+        );
+        let (tx, mut rx) = watch::channel(0usize);
+        self.waiters.insert(id.clone(), tx);
+        let message = bus::encode(&id, evictions);
+        let confirmed = match shared.publish(&shared.channel, &message).await {
+            Some(receivers) => {
+                shared.stats.evictions_published.fetch_add(1, Ordering::Relaxed);
+                let wait = rx.wait_for(|n| *n >= receivers);
+                matches!(tokio::time::timeout(shared.timeout * 4, wait).await, Ok(Ok(_)))
+            }
+            None => false,
+        };
+        self.waiters.remove(&id);
+        if !confirmed {
+            shared.stats.evictions_unconfirmed.fetch_add(1, Ordering::Relaxed);
+        }
+        confirmed
+    }
+
+    /// Drops one credential from this process's memory only.
+    pub fn invalidate_key(&self, key: &CacheKey) {
+        self.evict_local(&[Eviction::Key(*key)]);
     }
 
     /// Drops every credential of one principal, or of a whole kind when
-    /// `principal.id` is 0 (Grafana did not say whose it was).
+    /// `principal.id` is 0, from this process's memory only.
     pub fn invalidate_principal(&self, principal: Principal) -> usize {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
-        self.local
-            .remove_matching(|p, _| {
-                p.kind == principal.kind && (principal.id == 0 || p.id == principal.id || p.id == 0)
-            })
-            .len()
+        self.evict_local(&[Eviction::Principal(principal)])
     }
 
-    /// Drops every credential that authenticated one way (e.g. all legacy keys).
+    /// Drops every credential that authenticated one way, from this
+    /// process's memory only.
     pub fn invalidate_method(&self, method: AuthMethod) -> usize {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
-        self.local.remove_matching(|_, m| m == method).len()
+        self.evict_local(&[Eviction::Method(method)])
+    }
+
+    /// Forgets every memory entry (Redis keeps its own).
+    pub fn clear_local(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.local.clear();
+    }
+
+    /// Lines for `/metrics` about L2 and the bus (nothing without Redis).
+    pub fn render_metrics(&self, out: &mut String) {
+        let Some(shared) = &self.shared else { return };
+        let s = &shared.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter(
+            "portcullis_redis_hits_total",
+            "Identities found in Redis.",
+            load(&s.hits),
+        );
+        counter(
+            "portcullis_redis_misses_total",
+            "Redis lookups that found nothing.",
+            load(&s.misses),
+        );
+        counter(
+            "portcullis_redis_writes_total",
+            "Identities written to Redis.",
+            load(&s.writes),
+        );
+        counter(
+            "portcullis_redis_errors_total",
+            "Redis calls that failed or timed out.",
+            load(&s.errors),
+        );
+        counter(
+            "portcullis_redis_skipped_total",
+            "Redis calls skipped while Redis was down.",
+            load(&s.skipped),
+        );
+        counter(
+            "portcullis_redis_reconnects_total",
+            "Reconnections to Redis.",
+            load(&s.reconnects),
+        );
+        counter(
+            "portcullis_evictions_published_total",
+            "Evictions published on the bus.",
+            load(&s.evictions_published),
+        );
+        counter(
+            "portcullis_evictions_received_total",
+            "Evictions received from the bus and applied.",
+            load(&s.evictions_received),
+        );
+        counter(
+            "portcullis_evictions_unconfirmed_total",
+            "Broadcasts not confirmed by every replica in time.",
+            load(&s.evictions_unconfirmed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_redis_up Redis commands and eviction bus both usable.\n# TYPE portcullis_redis_up gauge\nportcullis_redis_up {}",
+            u8::from(shared.is_up())
+        );
     }
 
     pub fn len(&self) -> usize {

@@ -13,11 +13,17 @@ use serde_json::Value;
 
 use crate::support::{self, client, curl, Gateway};
 
-const SEED_PMM_KEY: &str = "eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=";
-const SEED_GRAFANA_KEY: &str = "eyJrIjoiWHZiSWd3NzdCYUZnNUtibE9obUpESmE3bzJYNDRIc0UiLCJuIjoibXlrZXkiLCJpZCI6MX1=";
+const SEED_PMM_KEY: &str =
+    "eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=";
+const SEED_GRAFANA_KEY: &str =
+    "eyJrIjoiWHZiSWd3NzdCYUZnNUtibE9obUpESmE3bzJYNDRIc0UiLCJuIjoibXlrZXkiLCJpZCI6MX1=";
 const SEED_TRUNCATED_KEY: &str = "eyJrIjoiT0tTcG1pUlY2RnVKZTFVaDFsNFZXdE9ZWmNrMkZYbk";
 
-async fn setup_with(flavor: Flavor, profile: Profile, tweak: impl FnOnce(&mut Config)) -> (Arc<GrafanaStub>, Gateway) {
+async fn setup_with(
+    flavor: Flavor,
+    profile: Profile,
+    tweak: impl FnOnce(&mut Config),
+) -> (Arc<GrafanaStub>, Gateway) {
     let stub = Arc::new(GrafanaStub::start(flavor).await);
     let (mut config, dir) = support::config(&stub.url());
     config.auth.profile = profile;
@@ -83,12 +89,32 @@ async fn pmm_seed_curl_examples_work_as_written() {
             "Content-Type: application/json".into(),
             version.clone(),
         ],
-        vec!["-X".into(), "GET".into(), format!("https://api_key:{SEED_PMM_KEY}@{hp}/v1/version")],
-        vec!["-H".into(), format!("Authorization: Bearer {SEED_PMM_KEY}"), version.clone()],
-        vec!["-X".into(), "GET".into(), format!("https://api_key:{SEED_PMM_KEY}@localhost:{port}/v1/version")],
+        vec![
+            "-X".into(),
+            "GET".into(),
+            format!("https://api_key:{SEED_PMM_KEY}@{hp}/v1/version"),
+        ],
+        vec![
+            "-H".into(),
+            format!("Authorization: Bearer {SEED_PMM_KEY}"),
+            version.clone(),
+        ],
+        vec![
+            "-X".into(),
+            "GET".into(),
+            format!("https://api_key:{SEED_PMM_KEY}@localhost:{port}/v1/version"),
+        ],
         // 004: service tokens, Bearer and `service_token:` in the URL.
-        vec!["-H".into(), format!("Authorization: Bearer {token}"), version.clone()],
-        vec!["-X".into(), "GET".into(), format!("https://service_token:{token}@localhost:{port}/v1/version")],
+        vec![
+            "-H".into(),
+            format!("Authorization: Bearer {token}"),
+            version.clone(),
+        ],
+        vec![
+            "-X".into(),
+            "GET".into(),
+            format!("https://service_token:{token}@localhost:{port}/v1/version"),
+        ],
         vec![
             "-X".into(),
             "GET".into(),
@@ -125,7 +151,14 @@ async fn grafana_seed_curl_examples_work_as_written() {
 
     // 002: the documented key lists, creates and deletes keys.
     let bearer = format!("Authorization: Bearer {SEED_GRAFANA_KEY}");
-    let (status, body) = curl(&["-H", "Accept: application/json", "-H", &bearer, &url("/api/auth/keys")]).await;
+    let (status, body) = curl(&[
+        "-H",
+        "Accept: application/json",
+        "-H",
+        &bearer,
+        &url("/api/auth/keys"),
+    ])
+    .await;
     assert_eq!(status, 200, "{body}");
     assert!(serde_json::from_str::<Value>(&body).unwrap().is_array());
     let (status, body) = curl(&[
@@ -147,7 +180,14 @@ async fn grafana_seed_curl_examples_work_as_written() {
     let (status, _) = curl(&["-H", &new_bearer, &url("/api/org")]).await;
     assert_eq!(status, 200);
     let id = created["id"].as_i64().unwrap();
-    let (status, body) = curl(&["-X", "DELETE", "-H", &bearer, &url(&format!("/api/auth/keys/{id}"))]).await;
+    let (status, body) = curl(&[
+        "-X",
+        "DELETE",
+        "-H",
+        &bearer,
+        &url(&format!("/api/auth/keys/{id}")),
+    ])
+    .await;
     assert_eq!((status, body.as_str()), (200, r#"{"message":"API key deleted"}"#));
     // Deleted through the gateway: refused on the very next request.
     let (status, _) = curl(&["-H", &new_bearer, &url("/api/org")]).await;
@@ -162,7 +202,10 @@ async fn grafana_seed_curl_examples_work_as_written() {
     ])
     .await;
     assert_eq!(status, 401);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["message"], "Unauthorized");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["message"],
+        "Unauthorized"
+    );
     assert_eq!(stub.verifications(), before);
 
     // 003: session login through the seeds' /api/login, then logout.
@@ -181,7 +224,10 @@ async fn grafana_seed_curl_examples_work_as_written() {
     ])
     .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["message"], "Logged in");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["message"],
+        "Logged in"
+    );
     let (status, body) = curl(&["-b", jar_path, &url("/api/user")]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["login"], "admin");
@@ -222,7 +268,14 @@ async fn grafana_seed_curl_examples_work_as_written() {
         .await
         .unwrap()
         .status();
-    let (status, _) = curl(&["-X", "POST", &url("/api/user/auth-tokens/rotate"), "-u", "admin:admin"]).await;
+    let (status, _) = curl(&[
+        "-X",
+        "POST",
+        &url("/api/user/auth-tokens/rotate"),
+        "-u",
+        "admin:admin",
+    ])
+    .await;
     assert_eq!(status, direct.as_u16());
 }
 
@@ -248,15 +301,27 @@ async fn role_by_route_matrix_for_users_tokens_and_keys() {
         let level = Role::from_grafana(role);
         for path in paths.iter().map(|p| p.0) {
             let url = format!("{}{path}", gw.url);
-            principals.push((format!("user {role} {path}"), c.get(&url).basic_auth(&login, Some("pw-secret")), level));
-            principals.push((format!("token {role} {path}"), c.get(&url).bearer_auth(&token), level));
+            principals.push((
+                format!("user {role} {path}"),
+                c.get(&url).basic_auth(&login, Some("pw-secret")),
+                level,
+            ));
+            principals.push((
+                format!("token {role} {path}"),
+                c.get(&url).bearer_auth(&token),
+                level,
+            ));
             principals.push((format!("key {role} {path}"), c.get(&url).bearer_auth(&key), level));
         }
     }
     stub.add_user("root", "pw-secret", "Viewer", true);
     for path in paths.iter().map(|p| p.0) {
         let url = format!("{}{path}", gw.url);
-        principals.push((format!("grafana admin {path}"), c.get(&url).basic_auth("root", Some("pw-secret")), Role::GrafanaAdmin));
+        principals.push((
+            format!("grafana admin {path}"),
+            c.get(&url).basic_auth("root", Some("pw-secret")),
+            Role::GrafanaAdmin,
+        ));
     }
     for (name, request, level) in principals {
         let path = name.rsplit(' ').next().unwrap();
@@ -286,24 +351,41 @@ async fn cache_hits_merged_misses_negative_cache() {
         // Half over one HTTP/2 connection, half over separate HTTP/1.1 ones.
         let c = if i % 2 == 0 { h2.clone() } else { client() };
         let (url, token) = (url.clone(), token.clone());
-        tasks.push(tokio::spawn(async move { c.get(url).bearer_auth(token).send().await.map(|r| r.status()) }));
+        tasks.push(tokio::spawn(async move {
+            c.get(url).bearer_auth(token).send().await.map(|r| r.status())
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), StatusCode::OK);
     }
-    assert_eq!(stub.verifications() - before, 1, "PMM names a token in one call, made once");
+    assert_eq!(
+        stub.verifications() - before,
+        1,
+        "PMM names a token in one call, made once"
+    );
 
     // Cached: more requests, no more verifications.
     let c = client();
     for _ in 0..50 {
-        assert_eq!(c.get(&url).bearer_auth(&token).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.get(&url).bearer_auth(&token).send().await.unwrap().status(),
+            200
+        );
     }
     assert_eq!(stub.verifications() - before, 1);
 
     // A user costs two calls (/api/user, /api/user/orgs), once.
     let before = stub.verifications();
     for _ in 0..20 {
-        assert_eq!(c.get(&url).basic_auth("admin", Some("admin")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.get(&url)
+                .basic_auth("admin", Some("admin"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
     assert_eq!(stub.verifications() - before, 2);
 
@@ -319,7 +401,13 @@ async fn cache_hits_merged_misses_negative_cache() {
 
     // A wrong password floods without locking the user out in Grafana.
     for _ in 0..20 {
-        let status = c.get(&url).basic_auth("admin", Some("wrong")).send().await.unwrap().status();
+        let status = c
+            .get(&url)
+            .basic_auth("admin", Some("wrong"))
+            .send()
+            .await
+            .unwrap()
+            .status();
         assert_eq!(status, 401);
     }
     let direct = reqwest::Client::new()
@@ -328,7 +416,11 @@ async fn cache_hits_merged_misses_negative_cache() {
         .send()
         .await
         .unwrap();
-    assert_eq!(direct.status(), 200, "negative caching kept admin from being locked out");
+    assert_eq!(
+        direct.status(),
+        200,
+        "negative caching kept admin from being locked out"
+    );
 }
 
 #[tokio::test]
@@ -342,11 +434,17 @@ async fn cached_identity_expires_by_ttl_checked_on_hit() {
     let sa = stub.add_service_account("ttl", "Viewer");
     let (_, token) = stub.add_sa_token(sa, "t", None);
     let before = stub.verifications();
-    assert_eq!(c.get(&url).bearer_auth(&token).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(&url).bearer_auth(&token).send().await.unwrap().status(),
+        200
+    );
     // Used continuously: TTL counts from verification, not from last use.
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_eq!(c.get(&url).bearer_auth(&token).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.get(&url).bearer_auth(&token).send().await.unwrap().status(),
+            200
+        );
     }
     assert!(stub.verifications() - before >= 2, "re-verified after the TTL");
 }
@@ -363,11 +461,19 @@ async fn malformed_credentials_get_json_errors_not_500() {
         ("non-UTF-8", vec![b"Basic /w=="], 401),
         ("empty bearer", vec![b"Bearer "], 401),
         ("unknown scheme", vec![b"Digest abc"], 401),
-        ("bad glsa checksum", vec![b"Bearer glsa_iNValIdinValiDinvalidinvalidinva_5b582698"], 401),
+        (
+            "bad glsa checksum",
+            vec![b"Bearer glsa_iNValIdinValiDinvalidinvalidinva_5b582698"],
+            401,
+        ),
         ("glsa four parts", vec![b"Bearer glsa_a_b_c"], 401),
         ("key not JSON", vec![b"Bearer bm90IGpzb24="], 401),
         ("non-ASCII header", vec![b"Bearer \xff\xfe"], 400),
-        ("two headers", vec![b"Basic YWRtaW46YWRtaW4=", b"Basic YWRtaW46YWRtaW4="], 400),
+        (
+            "two headers",
+            vec![b"Basic YWRtaW46YWRtaW4=", b"Basic YWRtaW46YWRtaW4="],
+            400,
+        ),
     ];
     for (name, values, expected) in cases {
         let mut headers = reqwest::header::HeaderMap::new();
@@ -382,10 +488,17 @@ async fn malformed_credentials_get_json_errors_not_500() {
         assert_eq!(status.as_u16(), expected, "{name}: {body}");
         assert!(body["message"].is_string(), "{name}: {body}");
     }
-    assert_eq!(stub.verifications(), before, "refused locally, Grafana never asked");
+    assert_eq!(
+        stub.verifications(),
+        before,
+        "refused locally, Grafana never asked"
+    );
     // No credential at all.
     let (status, body) = json(c.get(&url).send().await.unwrap()).await;
-    assert_eq!((status.as_u16(), body["message"].as_str()), (401, Some("Unauthorized")));
+    assert_eq!(
+        (status.as_u16(), body["message"].as_str()),
+        (401, Some("Unauthorized"))
+    );
 }
 
 #[tokio::test]
@@ -407,14 +520,20 @@ async fn identity_headers_injected_and_spoofs_removed() {
         "X-WEBAUTH-EMAIL",
         "x_webauth_name",
     ];
-    let mut request = c.get(format!("{}/v1/qan/echo", gw.url)).basic_auth("viewer1", Some("pw-secret"));
+    let mut request = c
+        .get(format!("{}/v1/qan/echo", gw.url))
+        .basic_auth("viewer1", Some("pw-secret"));
     for s in spoofs {
         request = request.header(s, "admin");
     }
     let (status, echo) = json(request.send().await.unwrap()).await;
     assert_eq!(status, 200, "{echo}");
     let headers = &echo["headers"];
-    assert_eq!(headers["x-webauth-user"], serde_json::json!(["viewer1"]), "{echo}");
+    assert_eq!(
+        headers["x-webauth-user"],
+        serde_json::json!(["viewer1"]),
+        "{echo}"
+    );
     assert_eq!(headers["x-webauth-role"], serde_json::json!(["Viewer"]));
     assert_eq!(headers["x-webauth-org-id"], serde_json::json!(["1"]));
     for (name, _) in headers.as_object().unwrap() {
@@ -428,7 +547,11 @@ async fn identity_headers_injected_and_spoofs_removed() {
     let (status, echo) = json(request.send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert!(
-        echo["headers"].as_object().unwrap().keys().all(|k| !k.contains("webauth")),
+        echo["headers"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.contains("webauth")),
         "{echo}"
     );
     // `service_token:` Basic is turned into Bearer towards the upstream.
@@ -441,7 +564,10 @@ async fn identity_headers_injected_and_spoofs_removed() {
     )
     .await;
     assert_eq!(status, 200, "{echo}");
-    assert_eq!(echo["headers"]["authorization"], serde_json::json!([format!("Bearer {token}")]));
+    assert_eq!(
+        echo["headers"]["authorization"],
+        serde_json::json!([format!("Bearer {token}")])
+    );
     assert_eq!(echo["headers"]["x-webauth-user"], serde_json::json!(["sa-agent"]));
 }
 
@@ -460,7 +586,13 @@ async fn path_tricks_cannot_reach_a_stricter_route() {
         "/v1/version/..%2F..%2Fv1%2Finventory",
         "/V1/version/../../v1/inventory",
     ] {
-        let (status, body) = curl(&["--path-as-is", "-u", "viewer1:pw-secret", &format!("{base}{path}")]).await;
+        let (status, body) = curl(&[
+            "--path-as-is",
+            "-u",
+            "viewer1:pw-secret",
+            &format!("{base}{path}"),
+        ])
+        .await;
         assert_eq!(status, 403, "{path}: {body}");
     }
     // The spelling the upstream receives is the one that was matched.
@@ -510,7 +642,10 @@ async fn grafana_down_is_503_for_new_credentials_never_401() {
     assert_eq!(body["message"], "Authentication service unavailable");
     stub.set_unavailable(false);
     // Not remembered as refused: works as soon as Grafana answers again.
-    assert_eq!(c.get(&url).bearer_auth(&token).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(&url).bearer_auth(&token).send().await.unwrap().status(),
+        200
+    );
 
     stub.set_delay(Some(Duration::from_secs(2)));
     let (status, _) = json(c.get(&url).bearer_auth(&token2).send().await.unwrap()).await;
@@ -538,7 +673,11 @@ async fn browser_without_session_is_sent_to_login() {
         "/login?redirectTo=%2Fd%2Fabc%2Fmy%2Ddashboard%3ForgId%3D1"
     );
     // An API client gets 401, and the login page itself is open.
-    let response = c.get(format!("{}/api/dashboards/uid/abc", gw.url)).send().await.unwrap();
+    let response = c
+        .get(format!("{}/api/dashboards/uid/abc", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
     let response = c.get(format!("{}/api/health", gw.url)).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -592,7 +731,10 @@ async fn route_can_withhold_credentials_from_the_upstream() {
     let (status, echo) = json(
         c.get(format!("{}/v1/qan/x", gw.url))
             .basic_auth("viewer1", Some("pw-secret"))
-            .header("Cookie", "pmm_session=0123456789abcdef0123456789abcdef; theme=dark")
+            .header(
+                "Cookie",
+                "pmm_session=0123456789abcdef0123456789abcdef; theme=dark",
+            )
             .send()
             .await
             .unwrap(),

@@ -2,5 +2,6 @@
 //! upstream, the Grafana stand-in and (for fleets) real Redis servers.
 
 mod auth;
+mod fleet;
 mod foundation;
 mod support;

@@ -68,7 +68,9 @@ pub async fn start(config: Config, dir: tempfile::TempDir) -> Gateway {
 }
 
 pub async fn start_with_key(config: Config, dir: tempfile::TempDir, cache_key: Option<String>) -> Gateway {
-    let running = portcullis::start(config, cache_key).await.expect("gateway starts");
+    let running = portcullis::start(config, cache_key)
+        .await
+        .expect("gateway starts");
     Gateway {
         url: format!("https://127.0.0.1:{}", running.addr.port()),
         admin_url: format!("http://127.0.0.1:{}", running.admin_addr.port()),
