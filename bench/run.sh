@@ -20,7 +20,7 @@
 #   BENCH_PC_TTL=1h         Portcullis cache TTL (long, so nothing expires mid-run)
 #   BENCH_SERVER_CPU=0      core for every server (upstream, proxy, stand-in, redis)
 #   BENCH_CLIENT_CPU=1      core for the load generator
-#   BENCH_PORT_BASE=18000   loopback ports used: BASE+80 .. BASE+490
+#   BENCH_PORT_BASE=23000   loopback ports used: BASE+80 .. BASE+490 (must be free)
 #   BENCH_SKIP_INSTALL=1    do not apt-get anything
 #   BENCH_SKIP_BUILD=1      use the existing release binaries
 #   BENCH_H2=1              also run h2load (HTTP/2) for nginx-tls and portcullis-bearer
@@ -52,7 +52,7 @@ L2_L1_ENTRIES=${BENCH_L2_L1_ENTRIES:-64}
 PC_TTL=${BENCH_PC_TTL:-1h}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
-BASE=${BENCH_PORT_BASE:-18000}
+BASE=${BENCH_PORT_BASE:-23000}
 H2=${BENCH_H2:-0}
 H2_STREAMS=${BENCH_H2_STREAMS:-10}
 WRK_TIMEOUT=${BENCH_WRK_TIMEOUT:-10s}
@@ -81,6 +81,17 @@ ncpu=$(nproc)
 (( SERVER_CPU < ncpu && CLIENT_CPU < ncpu )) || die "need cores $SERVER_CPU and $CLIENT_CPU, have $ncpu"
 [[ "$SERVER_CPU" != "$CLIENT_CPU" ]] || log "WARNING: servers and load generator share core $SERVER_CPU"
 (( REPS >= 3 )) || log "WARNING: BENCH_REPS=$REPS < 3: medians of fewer than 3 runs"
+
+# Every port must be free: a foreign server answering on one would be measured instead.
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+busy=()
+for p in "$PORT_UPSTREAM" "$PORT_NGINX_TLS" "$PORT_NGINX_SHA" "$PORT_NGINX_BCRYPT" "$PORT_HAPROXY_TLS" \
+         "$PORT_HAPROXY_BEARER" "$PORT_CADDY_TLS" "$PORT_CADDY_BASIC" "$PORT_PC" "$PORT_PC_ADMIN" \
+         "$PORT_PC_COLD" "$PORT_PC_COLD_ADMIN" "$PORT_PC_L2A" "$PORT_PC_L2A_ADMIN" "$PORT_PC_L2B" \
+         "$PORT_PC_L2B_ADMIN" "$PORT_STUB" "$PORT_REDIS"; do
+  port_busy "$p" && busy+=("$p")
+done
+((${#busy[@]} == 0)) || die "ports already in use on 127.0.0.1: ${busy[*]} (pick another block with BENCH_PORT_BASE)"
 
 # ---------------------------------------------------------------- install --
 install_missing() {
@@ -510,7 +521,9 @@ done
 total=$(( REPS * $(wc -w <<< "$CONNS") * ${#CASES[@]} ))
 log "measuring: ${#CASES[@]} cases x c=[$CONNS] x $REPS reps, $DURATION each ($total runs, interleaved)"
 RUN_SEQ=0
+LONG_LIVED=(upstream nginx haproxy caddy); [[ "$PEERS_ONLY" == 1 ]] || LONG_LIVED+=(redis stub pc)
 for ((rep = 1; rep <= REPS; rep++)); do
+  for p in "${LONG_LIVED[@]}"; do alive_or_die "$p"; done
   for c in $CONNS; do
     for name in "${CASES[@]}"; do
       RUN_SEQ=$((RUN_SEQ + 1))
@@ -566,7 +579,7 @@ TABLE=$OUT/table.md
           notes+=("$(awk -v h="$hits" -v r="$reqs" 'BEGIN { if (r > 0) printf "%.0f%%", 100 * h / r; else print "?" }') of requests were Redis hits, L1=$L2_L1_ENTRIES, fresh gateway") ;;
         portcullis-bearer|portcullis-basic|portcullis-cookie) notes+=("one gateway process") ;;
       esac
-      n=$(IFS='; '; echo "${notes[*]:-}")
+      n=""; for x in "${notes[@]}"; do n+="${n:+; }$x"; done
       if [[ "$name" == *-h2 ]]; then p50=-; p99=-; else p50=$(fmt_ms "$p50"); p99=$(fmt_ms "$p99"); fi
       echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $p50 | $p99 | $ratio | $rss | $n |"
     done
