@@ -486,6 +486,9 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::key("log.level", format!("not a log filter: {e}")));
+        }
         if self.cache.max_entries == 0 {
             return Err(ConfigError::key("cache.max_entries", "must be at least 1"));
         }

@@ -101,8 +101,15 @@ async fn wait_for_signal() {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // rustls warns once per connection from clients that send an IP address
+    // as SNI (curl, wrk): any client could flood the log that way.
+    let level = if config.log.level.contains("rustls") {
+        config.log.level.clone()
+    } else {
+        format!("{},rustls=error", config.log.level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
