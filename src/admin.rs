@@ -138,6 +138,15 @@ impl Readiness {
     }
 }
 
+/// One metric in Prometheus' text format; `samples` are (labels, value),
+/// labels written as `{k="v"}` or empty.
+pub fn write_metric(out: &mut String, kind: &str, name: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
@@ -171,11 +180,8 @@ impl Admin {
     fn render_metrics(&self) -> String {
         let m = &self.metrics;
         let mut out = String::with_capacity(1024);
-        let mut counter = |name: &str, help: &str, labels: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (label, value) in labels {
-                let _ = writeln!(out, "{name}{label} {value}");
-            }
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            write_metric(&mut out, "counter", name, help, samples)
         };
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter(

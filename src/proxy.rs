@@ -9,15 +9,17 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 
+use crate::auth::grafana::error_chain;
 use crate::config::{ConfigError, UpstreamConfig};
-use crate::upstream::{Pool, PoolError, PooledBody};
+use crate::upstream::{self, Connector};
 
 /// What every response of the gateway carries: the upstream's body streamed
 /// through, or a small body of its own.
-pub type Body = Either<PooledBody, Full<Bytes>>;
+pub type Body = Either<Incoming, Full<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -144,7 +146,7 @@ pub fn set_forwarded(
 
 /// The client half of the proxy: one pooled client for every upstream.
 pub struct Forwarder {
-    pool: std::sync::Arc<Pool>,
+    client: Client<Connector, Incoming>,
     response_timeout: Duration,
 }
 
@@ -157,7 +159,7 @@ pub struct Forwarded {
 impl Forwarder {
     pub fn new(config: &UpstreamConfig) -> Result<Forwarder, ConfigError> {
         Ok(Forwarder {
-            pool: Pool::new(config)?,
+            client: upstream::client(config, upstream::connector(config)?),
             response_timeout: config.response_timeout,
         })
     }
@@ -173,25 +175,27 @@ impl Forwarder {
         let upgrading = client_upgrade.is_some();
         *request.version_mut() = Version::HTTP_11;
         let started = Instant::now();
-        let mut response = match tokio::time::timeout(self.response_timeout, self.pool.send(request)).await {
-            Err(_) => return Err(ProxyError::Timeout),
-            Ok(Err(e)) => {
-                let chain = match e {
-                    PoolError::Connect(chain) | PoolError::Send(chain) => chain,
-                    other => other.to_string(),
-                };
-                return Err(if chain.contains("timed out") || chain.contains("timeout") {
-                    ProxyError::Timeout
-                } else {
-                    ProxyError::Unreachable(chain)
-                });
-            }
-            Ok(Ok(response)) => response,
-        };
+        let mut response =
+            match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+                Err(_) => return Err(ProxyError::Timeout),
+                Ok(Err(e)) => {
+                    let chain = error_chain(&e);
+                    return Err(
+                        if ["timed out", "timeout", "deadline has elapsed"]
+                            .iter()
+                            .any(|t| chain.contains(t))
+                        {
+                            ProxyError::Timeout
+                        } else {
+                            ProxyError::Unreachable(chain)
+                        },
+                    );
+                }
+                Ok(Ok(response)) => response,
+            };
         let upstream_time = started.elapsed();
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(client_side)) = (switching, client_upgrade) {
-            response.body_mut().detach();
             let upstream_side = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
                 match tokio::try_join!(client_side, upstream_side) {

@@ -339,54 +339,55 @@ impl Cache {
         let Some(shared) = &self.shared else { return };
         let s = &shared.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        };
-        counter(
-            "portcullis_redis_hits_total",
-            "Identities found in Redis.",
-            load(&s.hits),
-        );
-        counter(
-            "portcullis_redis_misses_total",
-            "Redis lookups that found nothing.",
-            load(&s.misses),
-        );
-        counter(
-            "portcullis_redis_writes_total",
-            "Identities written to Redis.",
-            load(&s.writes),
-        );
-        counter(
-            "portcullis_redis_errors_total",
-            "Redis calls that failed or timed out.",
-            load(&s.errors),
-        );
-        counter(
-            "portcullis_redis_skipped_total",
-            "Redis calls skipped while Redis was down.",
-            load(&s.skipped),
-        );
-        counter(
-            "portcullis_redis_reconnects_total",
-            "Reconnections to Redis.",
-            load(&s.reconnects),
-        );
-        counter(
-            "portcullis_evictions_published_total",
-            "Evictions published on the bus.",
-            load(&s.evictions_published),
-        );
-        counter(
-            "portcullis_evictions_received_total",
-            "Evictions received from the bus and applied.",
-            load(&s.evictions_received),
-        );
-        counter(
-            "portcullis_evictions_unconfirmed_total",
-            "Broadcasts not confirmed by every replica in time.",
-            load(&s.evictions_unconfirmed),
-        );
+        for (name, help, value) in [
+            (
+                "portcullis_redis_hits_total",
+                "Identities found in Redis.",
+                &s.hits,
+            ),
+            (
+                "portcullis_redis_misses_total",
+                "Redis lookups that found nothing.",
+                &s.misses,
+            ),
+            (
+                "portcullis_redis_writes_total",
+                "Identities written to Redis.",
+                &s.writes,
+            ),
+            (
+                "portcullis_redis_errors_total",
+                "Redis calls that failed or timed out.",
+                &s.errors,
+            ),
+            (
+                "portcullis_redis_skipped_total",
+                "Redis calls skipped while Redis was down.",
+                &s.skipped,
+            ),
+            (
+                "portcullis_redis_reconnects_total",
+                "Reconnections to Redis.",
+                &s.reconnects,
+            ),
+            (
+                "portcullis_evictions_published_total",
+                "Evictions published on the bus.",
+                &s.evictions_published,
+            ),
+            (
+                "portcullis_evictions_received_total",
+                "Evictions received from the bus and applied.",
+                &s.evictions_received,
+            ),
+            (
+                "portcullis_evictions_unconfirmed_total",
+                "Broadcasts not confirmed by every replica in time.",
+                &s.evictions_unconfirmed,
+            ),
+        ] {
+            crate::admin::write_metric(out, "counter", name, help, &[("", load(value))]);
+        }
         let _ = writeln!(
             out,
             "# HELP portcullis_redis_up Redis commands and eviction bus both usable.\n# TYPE portcullis_redis_up gauge\nportcullis_redis_up {}",
