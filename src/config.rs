@@ -73,8 +73,8 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: "0.0.0.0:8443".parse().expect("literal address"),
-            admin_listen: "127.0.0.1:9901".parse().expect("literal address"),
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             trusted_proxies: Vec::new(),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
