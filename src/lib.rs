@@ -114,30 +114,8 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
     let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway::new(&config, cache.clone(), metrics.clone())?);
 
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            key: "server.listen",
-            addr: config.server.listen,
-            source,
-        })?;
-    let admin_listener = TcpListener::bind(config.server.admin_listen)
-        .await
-        .map_err(|source| Error::Bind {
-            key: "server.admin_listen",
-            addr: config.server.admin_listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| Error::Bind {
-        key: "server.listen",
-        addr: config.server.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| Error::Bind {
-        key: "server.admin_listen",
-        addr: config.server.admin_listen,
-        source,
-    })?;
+    let (listener, addr) = bind("server.listen", config.server.listen).await?;
+    let (admin_listener, admin_addr) = bind("server.admin_listen", config.server.admin_listen).await?;
 
     let upstream: http::Uri = config
         .upstream
@@ -208,4 +186,12 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
         stop,
         server,
     })
+}
+
+/// Binds a listener; the error names the config key (port 0 picks a free port).
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let fail = |source| Error::Bind { key, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(fail)?;
+    let bound = listener.local_addr().map_err(fail)?;
+    Ok((listener, bound))
 }
