@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -163,7 +161,7 @@ impl Admin {
             }
             "/metrics" => {
                 let mut response =
-                    Response::new(Either::Right(Full::new(Bytes::from(self.render_metrics()))));
+                    Response::new(Body::whole(self.render_metrics()));
                 response.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4"),

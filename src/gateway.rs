@@ -7,17 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::admin::Metrics;
 use crate::auth::{Credential, CredentialError, Identity, Role, Verifier, VerifyError};
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, Profile};
-use crate::proxy::{self, Body, Forwarder, ProxyError, TrustedProxies};
+use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, TrustedProxies};
 use crate::revoke::{revocation_for, Revocation};
 use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
 
@@ -101,7 +99,7 @@ impl Refusal {
 }
 
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+    let mut response = Response::new(Body::whole(body.to_string()));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -225,23 +223,30 @@ struct Outcomes {
 
 impl Gateway {
     pub fn new(config: &Config, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Result<Gateway, crate::Error> {
-        Ok(Gateway {
-            routes: RouteTable::build(config.auth.profile, &config.routes)?,
-            profile: config.auth.profile,
-            cache,
-            verifier: Verifier::from_config(config)?,
-            forwarder: Forwarder::new(&config.upstream)?,
-            injected: InjectedHeaders::from_config(config)?,
-            trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
-            session_cookie: config.auth.session_cookie.clone(),
-            default_upstream: config
+        let routes = RouteTable::build(config.auth.profile, &config.routes)?;
+        let default_upstream: http::Uri =
+            config
                 .upstream
                 .url
                 .parse()
                 .map_err(|_| crate::config::ConfigError::Key {
                     key: "upstream.url".into(),
                     reason: "not a URL".into(),
-                })?,
+                })?;
+        let forwarder = Forwarder::new(
+            &config.upstream,
+            std::iter::once(&default_upstream).chain(routes.upstreams()),
+        )?;
+        Ok(Gateway {
+            routes,
+            profile: config.auth.profile,
+            cache,
+            verifier: Verifier::from_config(config)?,
+            forwarder,
+            injected: InjectedHeaders::from_config(config)?,
+            trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            session_cookie: config.auth.session_cookie.clone(),
+            default_upstream,
             access_log: config.log.access_log,
             metrics,
         })
@@ -251,11 +256,15 @@ impl Gateway {
         &self.cache
     }
 
-    pub async fn handle(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    /// The client of a new connection, as its requests will need it.
+    pub fn peer(&self, addr: SocketAddr) -> Peer {
+        Peer::new(addr, &self.trusted)
+    }
+
+    pub async fn handle(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let started = Instant::now();
-        let trusted_peer = self.trusted.contains(peer.ip());
         // Before anything else reads the request.
-        self.injected.strip(request.headers_mut(), trusted_peer);
+        self.injected.strip(request.headers_mut(), peer.trusted);
         let method = request.method().clone();
         // Path only: a query string may carry secrets.
         let path = self.access_log.then(|| request.uri().path().to_owned());
@@ -264,7 +273,7 @@ impl Gateway {
             source: None,
             upstream_time: None,
         };
-        let response = match self.pass(request, peer, trusted_peer, &mut outcomes).await {
+        let response = match self.pass(request, peer, &mut outcomes).await {
             Ok(response) => response,
             Err(refusal) => {
                 if matches!(refusal, Refusal::VerifierUnavailable(_) | Refusal::Proxy(_)) {
@@ -278,7 +287,7 @@ impl Gateway {
             let elapsed = started.elapsed();
             tracing::info!(
                 target: "access",
-                peer = %peer.ip(),
+                peer = %peer.addr.ip(),
                 method = %method,
                 path = path.as_deref().unwrap_or(""),
                 status = response.status().as_u16(),
@@ -294,8 +303,7 @@ impl Gateway {
     async fn pass(
         &self,
         mut request: Request<Incoming>,
-        peer: SocketAddr,
-        trusted_peer: bool,
+        peer: &Peer,
         outcomes: &mut Outcomes,
     ) -> Result<Response<Body>, Refusal> {
         let path = normalise(request.uri().path())?;
@@ -356,7 +364,7 @@ impl Gateway {
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
         proxy::strip_hop_by_hop(headers, upgrade);
-        proxy::set_forwarded(headers, peer, host_value.as_ref(), trusted_peer);
+        proxy::set_forwarded(headers, peer, host_value.as_ref());
         if host_value.is_some() && !headers.contains_key(header::HOST) {
             // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams want Host.
             if let Some(h) = host_value.clone() {

@@ -2,12 +2,15 @@
 //! upgrades. Bodies stream both ways; nothing here buffers a body.
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
+use http_body::{Frame, SizeHint};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
@@ -15,11 +18,55 @@ use ipnet::IpNet;
 
 use crate::auth::grafana::error_chain;
 use crate::config::{ConfigError, UpstreamConfig};
+use crate::exchange::{DirectPools, ExchangeError, Exchanged, StreamedBody};
 use crate::upstream::{self, Connector};
 
-/// What every response of the gateway carries: the upstream's body streamed
-/// through, or a small body of its own.
-pub type Body = Either<Incoming, Full<Bytes>>;
+/// What every response of the gateway carries.
+pub enum Body {
+    /// Streamed from hyper's pooled client.
+    Pooled(Incoming),
+    /// Streamed off a directly exchanged upstream connection.
+    Direct(StreamedBody),
+    /// Complete in memory: the gateway's own answers, and small upstream
+    /// bodies that arrived with their head.
+    Whole(Full<Bytes>),
+}
+
+impl Body {
+    pub fn whole(bytes: impl Into<Bytes>) -> Body {
+        Body::Whole(Full::new(bytes.into()))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        // Every variant is Unpin.
+        match self.get_mut() {
+            Body::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::Whole(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Pooled(b) => b.is_end_stream(),
+            Body::Direct(b) => b.is_end_stream(),
+            Body::Whole(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Pooled(b) => b.size_hint(),
+            Body::Direct(b) => b.size_hint(),
+            Body::Whole(b) => b.size_hint(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -57,24 +104,35 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Removes hop-by-hop headers and those the `Connection` header names. An
 /// upgrade keeps `Connection: upgrade` and `Upgrade`, which the next hop needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One pass over the names present, instead of hashing every name that
+    // might be: most messages carry none, or only `Connection: keep-alive`.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut named_by_connection = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            named_by_connection = true;
+        }
+        if HOP_BY_HOP.contains(name) || (!keep_upgrade && name == header::UPGRADE) {
+            doomed.push(name.clone());
+        }
     }
-    for name in &HOP_BY_HOP {
+    if named_by_connection {
+        let named = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // Options, not header names (keep-alive is in HOP_BY_HOP anyway).
+            .filter(|token| !["close", "keep-alive", "upgrade", ""].iter().any(|o| token.eq_ignore_ascii_case(o)))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok());
+        doomed.extend(named);
+    }
+    for name in doomed {
         headers.remove(name);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -108,45 +166,66 @@ impl TrustedProxies {
     }
 }
 
+/// The client at the other end of a connection, worked out once per
+/// connection rather than on each of its requests.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// A trusted proxy: its forwarding headers are believed and extended.
+    pub trusted: bool,
+    /// The address as `X-Forwarded-For` spells it.
+    ip_header: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, trusted: &TrustedProxies) -> Peer {
+        let ip_header = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer {
+            addr,
+            trusted: trusted.contains(addr.ip()),
+            ip_header,
+        }
+    }
+}
+
 /// Sets `X-Forwarded-For/-Proto/-Host`. The client's own copies were already
 /// removed unless the peer is a trusted proxy, in which case the chain grows.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    peer: SocketAddr,
-    host: Option<&HeaderValue>,
-    trusted_peer: bool,
-) {
-    let peer_ip = peer.ip().to_string();
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
     // Several header lines are one comma-separated list (RFC 9110 §5.3): keep
     // every hop the trusted proxy reported, in order, not just the first line.
-    let prior: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    let chain = if trusted_peer && !prior.is_empty() {
-        format!("{}, {peer_ip}", prior.join(", "))
+    let chain = if peer.trusted && headers.contains_key(&X_FORWARDED_FOR) {
+        let mut hops: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        let peer_ip = peer.addr.ip().to_string();
+        hops.push(&peer_ip);
+        HeaderValue::from_str(&hops.join(", ")).ok()
     } else {
-        peer_ip
+        None
     };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+    headers.insert(X_FORWARDED_FOR, chain.unwrap_or_else(|| peer.ip_header.clone()));
+    if !(peer.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     }
-    if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
+    if !(peer.trusted && headers.contains_key(&X_FORWARDED_HOST)) {
         if let Some(host) = host {
             headers.insert(X_FORWARDED_HOST, host.clone());
         }
     }
 }
 
-/// The client half of the proxy: one pooled client for every upstream.
+/// The client half of the proxy. Bodyless GET and HEAD requests to a
+/// plain-HTTP upstream are exchanged directly on a pooled connection inside
+/// the request's own task; everything else goes through hyper's pooled
+/// client, which streams a request body and its answer at the same time.
 pub struct Forwarder {
     client: Client<Connector, Incoming>,
+    direct: DirectPools,
     response_timeout: Duration,
 }
 
@@ -157,9 +236,14 @@ pub struct Forwarded {
 }
 
 impl Forwarder {
-    pub fn new(config: &UpstreamConfig) -> Result<Forwarder, ConfigError> {
+    /// `upstreams`: every upstream a request may be sent to.
+    pub fn new<'a>(
+        config: &UpstreamConfig,
+        upstreams: impl IntoIterator<Item = &'a Uri>,
+    ) -> Result<Forwarder, ConfigError> {
         Ok(Forwarder {
             client: upstream::client(config, upstream::connector(config)?),
+            direct: DirectPools::new(upstreams, config),
             response_timeout: config.response_timeout,
         })
     }
@@ -172,9 +256,28 @@ impl Forwarder {
         mut request: Request<Incoming>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Forwarded, ProxyError> {
+        let started = Instant::now();
+        if client_upgrade.is_none() {
+            if let Some(pool) = self.direct.for_request(&request) {
+                let mut response = match tokio::time::timeout(self.response_timeout, pool.exchange(&request)).await {
+                    Err(_) => return Err(ProxyError::Timeout),
+                    Ok(Err(ExchangeError::ConnectTimeout)) => return Err(ProxyError::Timeout),
+                    Ok(Err(e)) => return Err(ProxyError::Unreachable(e.to_string())),
+                    Ok(Ok(response)) => response,
+                };
+                let upstream_time = started.elapsed();
+                strip_hop_by_hop(response.headers_mut(), false);
+                return Ok(Forwarded {
+                    response: response.map(|body| match body {
+                        Exchanged::Whole(bytes) => Body::whole(bytes),
+                        Exchanged::Streamed(body) => Body::Direct(body),
+                    }),
+                    upstream_time,
+                });
+            }
+        }
         let upgrading = client_upgrade.is_some();
         *request.version_mut() = Version::HTTP_11;
-        let started = Instant::now();
         let mut response =
             match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
                 Err(_) => return Err(ProxyError::Timeout),
@@ -212,7 +315,7 @@ impl Forwarder {
         }
         strip_hop_by_hop(response.headers_mut(), upgrading && switching);
         Ok(Forwarded {
-            response: response.map(Either::Left),
+            response: response.map(Body::Pooled),
             upstream_time,
         })
     }
@@ -251,18 +354,37 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        let upgrade = || {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, x-hop"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            h
+        };
+        let mut h = upgrade();
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = upgrade();
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
     }
 
     #[test]
     fn forwarded_headers_from_untrusted_and_trusted_peers() {
         let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
+        let trusted_peer = Peer::new(peer, &TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]));
+        let untrusted_peer = Peer::new(peer, &TrustedProxies::default());
+        assert!(trusted_peer.trusted && !untrusted_peer.trusted);
         let host = HeaderValue::from_static("gw.example");
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
-        set_forwarded(&mut h, peer, Some(&host), true);
+        set_forwarded(&mut h, &trusted_peer, Some(&host));
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, peer, Some(&host), false);
+        set_forwarded(&mut h, &untrusted_peer, Some(&host));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "gw.example");

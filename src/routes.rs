@@ -124,7 +124,7 @@ pub struct Route {
     pub method: Option<Method>,
     pub host: Option<String>,
     pub min_role: Role,
-    /// Index into the forwarder's upstream list.
+    /// Where matching requests go instead of `upstream.url`.
     pub upstream: Option<http::Uri>,
     pub rewrite: Option<String>,
     pub forward_credentials: bool,
@@ -218,6 +218,11 @@ impl RouteTable {
                 inject_identity: true,
             },
         })
+    }
+
+    /// Every upstream a rule names (besides `upstream.url`).
+    pub fn upstreams(&self) -> impl Iterator<Item = &http::Uri> {
+        self.routes.iter().filter_map(|r| r.upstream.as_ref())
     }
 
     /// `path` must come from [`normalise`]; `host` lower-cased without port.

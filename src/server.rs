@@ -152,12 +152,14 @@ impl TlsServer {
         });
         let gateway = self.gateway.clone();
         let in_service = activity.clone();
+        let client = Arc::new(gateway.peer(peer));
         let service = service_fn(move |request| {
             let gateway = gateway.clone();
             let activity = in_service.clone();
+            let client = client.clone();
             async move {
                 let _busy = activity.busy();
-                Ok::<_, Infallible>(gateway.handle(request, peer).await)
+                Ok::<_, Infallible>(gateway.handle(request, &client).await)
             }
         });
         let mut conn = pin!(self.http.serve_connection_with_upgrades(io, service));
