@@ -160,8 +160,7 @@ impl Admin {
                 json_response(status, &body)
             }
             "/metrics" => {
-                let mut response =
-                    Response::new(Body::whole(self.render_metrics()));
+                let mut response = Response::new(Body::whole(self.render_metrics()));
                 response.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -62,7 +62,9 @@ impl DirectPools {
             if uri.scheme() != Some(&Scheme::HTTP) {
                 continue;
             }
-            let Some(authority) = uri.authority() else { continue };
+            let Some(authority) = uri.authority() else {
+                continue;
+            };
             if pools.iter().any(|p| &p.authority == authority) {
                 continue;
             }
@@ -75,7 +77,9 @@ impl DirectPools {
     /// handles: no body, GET or HEAD (so a retry on a stale connection is
     /// safe), to a plain-HTTP upstream.
     pub fn for_request<B: http_body::Body>(&self, request: &Request<B>) -> Option<&Arc<HostPool>> {
-        if !(request.method() == Method::GET || request.method() == Method::HEAD) || !request.body().is_end_stream() {
+        if !(request.method() == Method::GET || request.method() == Method::HEAD)
+            || !request.body().is_end_stream()
+        {
             return None;
         }
         let uri = request.uri();
@@ -150,7 +154,10 @@ impl HostPool {
         let mut idle = self.idle();
         // The oldest entry is the likeliest to have expired: one check per
         // return keeps a quiet pool from holding dead sockets for long.
-        if idle.first().is_some_and(|e| e.since.elapsed() >= self.idle_timeout) {
+        if idle
+            .first()
+            .is_some_and(|e| e.since.elapsed() >= self.idle_timeout)
+        {
             idle.remove(0);
         }
         if idle.len() < self.max_idle {
@@ -164,7 +171,8 @@ impl HostPool {
     }
 
     async fn connect(&self) -> Result<Conn, ExchangeError> {
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.target)).await {
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.target)).await
+        {
             Err(_) => return Err(ExchangeError::ConnectTimeout),
             Ok(Err(e)) => return Err(ExchangeError::Connect(e)),
             Ok(Ok(stream)) => stream,
@@ -205,7 +213,10 @@ impl HostPool {
     /// Sends the head of `request` and reads the answer's head. A reused
     /// connection the upstream closed while it sat idle fails before any
     /// byte of an answer: that request is sent once more on a new one.
-    pub async fn exchange<B>(self: &Arc<Self>, request: &Request<B>) -> Result<Response<Exchanged>, ExchangeError> {
+    pub async fn exchange<B>(
+        self: &Arc<Self>,
+        request: &Request<B>,
+    ) -> Result<Response<Exchanged>, ExchangeError> {
         let conn = self.checkout().await?;
         match self.round_trip(conn, request).await {
             Err((e, true)) => {
@@ -240,7 +251,12 @@ impl HostPool {
             conn.read.reserve(READ_RESERVE);
             match conn.stream.read_buf(&mut conn.read).await {
                 Ok(0) if conn.read.is_empty() => return Err((ExchangeError::Closed, may_retry)),
-                Ok(0) => return Err((ExchangeError::Malformed("connection closed inside the head"), false)),
+                Ok(0) => {
+                    return Err((
+                        ExchangeError::Malformed("connection closed inside the head"),
+                        false,
+                    ))
+                }
                 Ok(_) => {}
                 Err(e) => return Err((e.into(), may_retry && conn.read.is_empty())),
             }
@@ -261,10 +277,13 @@ impl HostPool {
             http11,
         } = head;
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(ExchangeError::Malformed("101 to a request that asked for no upgrade"));
+            return Err(ExchangeError::Malformed(
+                "101 to a request that asked for no upgrade",
+            ));
         }
         let framing = framing(to_head_request, status, &mut headers)?;
-        let keep_alive = http11 && !framing.is_until_close() && !has_token(&headers, header::CONNECTION, "close");
+        let keep_alive =
+            http11 && !framing.is_until_close() && !has_token(&headers, header::CONNECTION, "close");
         let body = match framing {
             Framing::Length(0) | Framing::Empty => {
                 self.finish(conn, keep_alive, true);
@@ -324,7 +343,10 @@ impl http_body::Body for StreamedBody {
     type Data = Bytes;
     type Error = ExchangeError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let this = self.get_mut();
         loop {
             let Some(conn) = this.conn.as_mut() else {
@@ -360,7 +382,9 @@ impl http_body::Body for StreamedBody {
                 }
                 Ok(0) => {
                     this.conn = None;
-                    return Poll::Ready(Some(Err(ExchangeError::Malformed("connection closed inside the body"))));
+                    return Poll::Ready(Some(Err(ExchangeError::Malformed(
+                        "connection closed inside the body",
+                    ))));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -468,7 +492,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
     let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Malformed("bad status code"))?;
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (name, value) in spans {
-        let name = HeaderName::from_bytes(&head[name]).map_err(|_| ExchangeError::Malformed("bad header name"))?;
+        let name =
+            HeaderName::from_bytes(&head[name]).map_err(|_| ExchangeError::Malformed("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value))
             .map_err(|_| ExchangeError::Malformed("bad header value"))?;
         headers.append(name, value);
@@ -496,7 +521,11 @@ impl Framing {
 
 /// How the body is delimited (RFC 9112 §6.3). With Transfer-Encoding the
 /// Content-Length is dropped: passing both on is how requests get smuggled.
-fn framing(to_head_request: bool, status: StatusCode, headers: &mut HeaderMap) -> Result<Framing, ExchangeError> {
+fn framing(
+    to_head_request: bool,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+) -> Result<Framing, ExchangeError> {
     if to_head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
@@ -505,11 +534,12 @@ fn framing(to_head_request: bool, status: StatusCode, headers: &mut HeaderMap) -
         let last = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
-            .filter_map(|v| v.to_str().ok())
+            // An unreadable coding counts as one that is not chunked.
+            .map(|v| v.to_str().unwrap_or("?"))
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .last();
+            .next_back();
         return Ok(match last {
             Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked,
             _ => Framing::UntilClose,
@@ -602,7 +632,11 @@ impl Decoder {
                             return Ok(Decoded::NeedMore);
                         };
                         let size = chunk_size(&line)?;
-                        *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                        *state = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
                     }
                     Chunk::Data(remaining) => {
                         if buf.is_empty() {
@@ -693,8 +727,11 @@ mod tests {
     #[test]
     fn chunked_bodies_decode_across_any_split() {
         let mut d = Decoder::Chunked(Chunk::Size);
-        let (body, done) =
-            decode_all(&mut d, b"5;ext=1\r\nhello\r\nA\r\n, world!!!\r\n0\r\nx-trailer: 1\r\n\r\n").unwrap();
+        let (body, done) = decode_all(
+            &mut d,
+            b"5;ext=1\r\nhello\r\nA\r\n, world!!!\r\n0\r\nx-trailer: 1\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(body, b"hello, world!!!");
         assert!(done);
     }
@@ -703,7 +740,11 @@ mod tests {
     fn malformed_chunks_are_errors() {
         for bad in [&b"zz\r\n"[..], b"5\r\nhelloX\r\n", b"10000000000000000\r\n"] {
             let mut d = Decoder::Chunked(Chunk::Size);
-            assert!(decode_all(&mut d, bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                decode_all(&mut d, bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -735,19 +776,43 @@ mod tests {
     fn framing_follows_rfc_9112() {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
-        assert!(matches!(framing(false, StatusCode::OK, &mut h), Ok(Framing::Length(12))));
-        assert!(matches!(framing(true, StatusCode::OK, &mut h), Ok(Framing::Empty)));
-        assert!(matches!(framing(false, StatusCode::NOT_MODIFIED, &mut h), Ok(Framing::Empty)));
+        assert!(matches!(
+            framing(false, StatusCode::OK, &mut h),
+            Ok(Framing::Length(12))
+        ));
+        assert!(matches!(
+            framing(true, StatusCode::OK, &mut h),
+            Ok(Framing::Empty)
+        ));
+        assert!(matches!(
+            framing(false, StatusCode::NOT_MODIFIED, &mut h),
+            Ok(Framing::Empty)
+        ));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12, 13"));
         assert!(framing(false, StatusCode::OK, &mut h).is_err());
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("-1"));
         assert!(framing(false, StatusCode::OK, &mut h).is_err());
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
-        assert!(matches!(framing(false, StatusCode::OK, &mut h), Ok(Framing::Chunked)));
-        assert!(!h.contains_key(header::CONTENT_LENGTH), "Content-Length dropped beside Transfer-Encoding");
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        assert!(matches!(
+            framing(false, StatusCode::OK, &mut h),
+            Ok(Framing::Chunked)
+        ));
+        assert!(
+            !h.contains_key(header::CONTENT_LENGTH),
+            "Content-Length dropped beside Transfer-Encoding"
+        );
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
-        assert!(matches!(framing(false, StatusCode::OK, &mut h), Ok(Framing::UntilClose)));
-        assert!(matches!(framing(false, StatusCode::OK, &mut HeaderMap::new()), Ok(Framing::UntilClose)));
+        assert!(matches!(
+            framing(false, StatusCode::OK, &mut h),
+            Ok(Framing::UntilClose)
+        ));
+        assert!(matches!(
+            framing(false, StatusCode::OK, &mut HeaderMap::new()),
+            Ok(Framing::UntilClose)
+        ));
     }
 
     #[test]

@@ -66,6 +66,9 @@ impl Refusal {
             Refusal::Forbidden => "Permission denied".into(),
             Refusal::VerifierUnavailable(_) => "Authentication service unavailable".into(),
             Refusal::Proxy(ProxyError::Unreachable(_)) => "Bad gateway: upstream unreachable".into(),
+            Refusal::Proxy(ProxyError::InvalidResponse(_)) => {
+                "Bad gateway: upstream sent an invalid response".into()
+            }
             Refusal::Proxy(ProxyError::Timeout) => "Gateway timeout: upstream did not answer in time".into(),
             Refusal::Internal(_) => "Internal error".into(),
             Refusal::Login { .. } => "Login required".into(),

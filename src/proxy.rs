@@ -42,7 +42,10 @@ impl http_body::Body for Body {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         // Every variant is Unpin.
         match self.get_mut() {
             Body::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
@@ -72,6 +75,8 @@ impl http_body::Body for Body {
 pub enum ProxyError {
     #[error("upstream unreachable")]
     Unreachable(String),
+    #[error("upstream sent an invalid response")]
+    InvalidResponse(String),
     #[error("upstream did not answer in time")]
     Timeout,
 }
@@ -79,7 +84,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Unreachable(_) | ProxyError::InvalidResponse(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -124,7 +129,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .flat_map(|v| v.split(','))
             .map(str::trim)
             // Options, not header names (keep-alive is in HOP_BY_HOP anyway).
-            .filter(|token| !["close", "keep-alive", "upgrade", ""].iter().any(|o| token.eq_ignore_ascii_case(o)))
+            .filter(|token| {
+                !["close", "keep-alive", "upgrade", ""]
+                    .iter()
+                    .any(|o| token.eq_ignore_ascii_case(o))
+            })
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok());
         doomed.extend(named);
     }
@@ -259,12 +268,16 @@ impl Forwarder {
         let started = Instant::now();
         if client_upgrade.is_none() {
             if let Some(pool) = self.direct.for_request(&request) {
-                let mut response = match tokio::time::timeout(self.response_timeout, pool.exchange(&request)).await {
-                    Err(_) => return Err(ProxyError::Timeout),
-                    Ok(Err(ExchangeError::ConnectTimeout)) => return Err(ProxyError::Timeout),
-                    Ok(Err(e)) => return Err(ProxyError::Unreachable(e.to_string())),
-                    Ok(Ok(response)) => response,
-                };
+                let mut response =
+                    match tokio::time::timeout(self.response_timeout, pool.exchange(&request)).await {
+                        Err(_) => return Err(ProxyError::Timeout),
+                        Ok(Err(ExchangeError::ConnectTimeout)) => return Err(ProxyError::Timeout),
+                        Ok(Err(e @ ExchangeError::Malformed(_))) => {
+                            return Err(ProxyError::InvalidResponse(e.to_string()))
+                        }
+                        Ok(Err(e)) => return Err(ProxyError::Unreachable(e.to_string())),
+                        Ok(Ok(response)) => response,
+                    };
                 let upstream_time = started.elapsed();
                 strip_hop_by_hop(response.headers_mut(), false);
                 return Ok(Forwarded {

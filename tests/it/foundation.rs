@@ -3,6 +3,7 @@
 //! HTTP/2, WebSockets, header hygiene, certificates, time-outs, probes,
 //! signals and the command line.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -13,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::upstream::{self, pattern};
-use crate::support::{self, binary, raw};
+use crate::support::{self, binary, raw, scripted};
 
 /// A config whose single rule lets every request through without a credential.
 fn passthrough(upstream_url: &str) -> (Config, tempfile::TempDir) {
@@ -663,6 +664,81 @@ async fn upstream_down_is_502_with_json_and_not_ready() {
     assert_eq!(body["upstream"], false, "{body}");
     let reasons = body["reasons"].to_string();
     assert!(reasons.contains("upstream"), "{body}");
+}
+
+/// The direct exchange (bodyless GET and HEAD) reads the upstream's answer
+/// itself: every framing HTTP/1.1 allows, interim answers, connection reuse,
+/// and the failures a real upstream produces.
+#[tokio::test]
+async fn direct_exchange_handles_every_http1_framing_and_failure() {
+    let up = scripted::start().await;
+    let (config, dir) = passthrough(&up.url);
+    let gw = support::start(config, dir).await;
+    let client = long_client(true);
+    let get = |path: &str| client.get(format!("{}{path}", gw.url)).send();
+
+    // Keep-alive answers reuse one upstream connection.
+    for _ in 0..20 {
+        let response = get("/length").await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-path"], "length");
+        assert_eq!(response.text().await.unwrap(), scripted::BODY);
+    }
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "sequential requests share a connection"
+    );
+
+    for path in ["/chunked", "/until-close", "/connection-close", "/early-hints"] {
+        let response = get(path).await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert!(
+            response
+                .headers()
+                .get("transfer-encoding")
+                .is_none_or(|v| v == "chunked"),
+            "{path}"
+        );
+        assert_eq!(response.text().await.unwrap(), scripted::BODY, "{path}");
+    }
+
+    // HEAD: the head only, with the length a GET would have.
+    let response = client.head(format!("{}/length", gw.url)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-length"],
+        scripted::BODY.len().to_string().as_str()
+    );
+    assert_eq!(response.text().await.unwrap(), "");
+
+    // Garbage is a 502 with a JSON body; a truncated body breaks the client's
+    // response, not the gateway.
+    let response = get("/garbage").await.unwrap();
+    assert_eq!(response.status(), 502);
+    let message = json_body(response).await["message"].to_string().to_lowercase();
+    assert!(
+        message.contains("bad gateway") && message.contains("invalid response"),
+        "{message}"
+    );
+    let truncated = match get("/truncated").await {
+        Ok(response) => response.bytes().await.is_err(),
+        Err(_) => true,
+    };
+    assert!(truncated, "a body cut short must not look complete");
+
+    // An upstream that drops idle keep-alive connections without a word: the
+    // next request finds the pooled connection dead and is sent again.
+    for i in 0..10 {
+        let response = get("/drop-after").await.unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        assert_eq!(response.text().await.unwrap(), scripted::BODY);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Still healthy, on the same gateway.
+    let response = get("/length").await.unwrap();
+    assert_eq!(response.text().await.unwrap(), scripted::BODY);
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 
 pub mod binary;
 pub mod raw;
+pub mod scripted;
 pub mod upstream;
 
 use std::path::PathBuf;
