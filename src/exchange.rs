@@ -538,8 +538,7 @@ fn framing(
             .map(|v| v.to_str().unwrap_or("?"))
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .next_back();
+            .rfind(|t| !t.is_empty());
         return Ok(match last {
             Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked,
             _ => Framing::UntilClose,
