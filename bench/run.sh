@@ -550,6 +550,13 @@ done
 # ---------------------------------------------------------------- summary --
 median() { sort -g | awk '{a[NR] = $1} END { if (NR == 0) { print 0; exit } if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 col() { awk -F'\t' -v n="$1" -v c="$2" -v k="$3" 'NR > 1 && $1 == n && $2 == c {print $k}' "$RESULTS"; }
+# Median over reps of NAME's req/s divided by BASE's in the same rep: the runs
+# of one rep are minutes apart at most, so drift on a shared host cancels.
+paired_ratio() {
+  awk -F'\t' -v n="$1" -v c="$2" -v b="$3" 'NR > 1 && $2 == c && $1 == n {x[$3] = $4}
+    NR > 1 && $2 == c && $1 == b {y[$3] = $4}
+    END {for (r in x) if (y[r] > 0) print x[r] / y[r]}' "$RESULTS" | median
+}
 fmt_rps() { awk -v r="$1" 'BEGIN { if (r >= 1000) printf "%.1fk", r / 1000; else printf "%.0f", r }'; }
 fmt_ms() { awk -v m="$1" 'BEGIN { if (m >= 100) printf "%.0f", m; else if (m >= 10) printf "%.1f", m; else printf "%.2f", m }'; }
 
@@ -560,12 +567,11 @@ TABLE=$OUT/table.md
   echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS | peak RSS | notes |"
   echo "|---|---:|---|---:|---:|---:|---:|---|"
   for c in $CONNS; do
-    base1=$(col nginx-tls "$c" 4 | median); base2=$(col nginx-tls-h2 "$c" 4 | median)
     for name in "${CASES[@]}"; do
-      base=$base1; [[ "$name" != *-h2 ]] || base=$base2
       rps=$(col "$name" "$c" 4 | median); mn=$(col "$name" "$c" 4 | sort -g | head -1); mx=$(col "$name" "$c" 4 | sort -g | tail -1)
       p50=$(col "$name" "$c" 5 | median); p99=$(col "$name" "$c" 6 | median)
-      ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+      base_name=nginx-tls; [[ "$name" != *-h2 ]] || base_name=nginx-tls-h2
+      ratio=$(paired_ratio "$name" "$c" "$base_name" | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
       rss=${RSS_KIB[$name]:-0}; rss=$(awk -v k="$rss" 'BEGIN { if (k > 0) printf "%.1f MiB", k / 1024; else print "-" }')
       notes=()
       bad=$(col "$name" "$c" 8 | awk '{s += $1} END {print s + 0}'); ((bad == 0)) || notes+=("$bad non-2xx!")
@@ -585,7 +591,7 @@ TABLE=$OUT/table.md
     done
   done
   echo
-  echo "Ratios are medians of this run only, against nginx's plain TLS proxy at the same c (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
+  echo "Ratios are taken in this run only: for each rep, the case's req/s over nginx's plain TLS proxy's in the same rep at the same c, and the median of those per-rep ratios (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
 } > "$TABLE"
 echo
 cat "$TABLE"

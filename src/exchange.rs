@@ -196,7 +196,9 @@ impl HostPool {
         if let Some(conn) = self.take_idle() {
             return Ok(conn);
         }
-        let mut connect = pin!(self.connect());
+        // Boxed, like the retry below: rare, and it would otherwise enlarge
+        // every request's future.
+        let mut connect = Box::pin(self.connect());
         loop {
             tokio::select! {
                 biased;
@@ -221,8 +223,8 @@ impl HostPool {
         match self.round_trip(conn, request).await {
             Err((e, true)) => {
                 tracing::debug!(error = %e, "idle upstream connection was closed; retrying on a new one");
-                let conn = self.connect().await?;
-                self.round_trip(conn, request).await.map_err(|(e, _)| e)
+                let conn = Box::pin(self.connect()).await?;
+                Box::pin(self.round_trip(conn, request)).await.map_err(|(e, _)| e)
             }
             other => other.map_err(|(e, _)| e),
         }

@@ -388,14 +388,12 @@ impl Gateway {
         // Response phase: a management call that succeeded may have revoked
         // what the cache holds.
         if forwarded.response.status().is_success() || forwarded.response.status().is_redirection() {
-            self.revoke_after(
-                &method,
-                &upstream_path,
-                outcomes.identity.as_deref(),
-                cache_key,
-                credential.as_ref(),
-            )
-            .await;
+            let revocations = revocation_for(&method, &upstream_path, outcomes.identity.as_deref());
+            if !revocations.is_empty() {
+                // Boxed: the rare revoking call should not make every
+                // request's future (moved on each request) larger.
+                Box::pin(self.revoke_after(&revocations, &upstream_path, cache_key, credential.as_ref())).await;
+            }
         }
         Ok(forwarded.response)
     }
@@ -441,15 +439,13 @@ impl Gateway {
     /// on every replica — before its response goes back to the client.
     async fn revoke_after(
         &self,
-        method: &Method,
+        revocations: &[Revocation],
         path: &str,
-        identity: Option<&Identity>,
         cache_key: Option<CacheKey>,
         credential: Option<&Credential>,
     ) {
-        let revocations = revocation_for(method, path, identity);
         let mut evictions = Vec::with_capacity(revocations.len());
-        for revocation in &revocations {
+        for revocation in revocations {
             match *revocation {
                 Revocation::Caller => {
                     // Logout is an anonymous route: its key was not computed.

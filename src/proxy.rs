@@ -91,7 +91,7 @@ impl ProxyError {
 }
 
 /// Connection-level headers (RFC 9110 §7.6.1) that must not cross a proxy.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -262,7 +262,7 @@ impl Forwarder {
     /// a WebSocket upgrade, joined to the upstream's on `101`.
     pub async fn forward(
         &self,
-        mut request: Request<Incoming>,
+        request: Request<Incoming>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Forwarded, ProxyError> {
         let started = Instant::now();
@@ -289,6 +289,16 @@ impl Forwarder {
                 });
             }
         }
+        Box::pin(self.forward_pooled(request, client_upgrade, started)).await
+    }
+
+    /// Through hyper's pooled client: requests with bodies, upgrades, https.
+    async fn forward_pooled(
+        &self,
+        mut request: Request<Incoming>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        started: Instant,
+    ) -> Result<Forwarded, ProxyError> {
         let upgrading = client_upgrade.is_some();
         *request.version_mut() = Version::HTTP_11;
         let mut response =

@@ -128,6 +128,16 @@ impl Cache {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok((outcome, Source::Local));
         }
+        // Boxed: a hit should not carry the size of a Redis lookup and a
+        // verification in its future.
+        Box::pin(self.resolve_miss(key, verify)).await
+    }
+
+    async fn resolve_miss<F, Fut>(&self, key: CacheKey, verify: F) -> Result<(Outcome, Source), VerifyError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Verdict, VerifyError>>,
+    {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let flight = self
             .inflight
