@@ -265,7 +265,8 @@ impl Gateway {
     }
 
     pub async fn handle(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
-        let started = Instant::now();
+        // The clock is read only for the access log.
+        let started = self.access_log.then(Instant::now);
         // Before anything else reads the request.
         self.injected.strip(request.headers_mut(), peer.trusted);
         let method = request.method().clone();
@@ -287,7 +288,7 @@ impl Gateway {
         };
         self.metrics.record(response.status(), outcomes.source);
         if self.access_log {
-            let elapsed = started.elapsed();
+            let elapsed = started.map(|t| t.elapsed()).unwrap_or_default();
             tracing::info!(
                 target: "access",
                 peer = %peer.addr.ip(),
@@ -382,20 +383,22 @@ impl Gateway {
         }
 
         let method = request.method().clone();
-        let forwarded = self.forwarder.forward(request, client_upgrade).await?;
-        outcomes.upstream_time = Some(forwarded.upstream_time);
+        let forward_started = self.access_log.then(Instant::now);
+        let response = self.forwarder.forward(request, client_upgrade).await?;
+        outcomes.upstream_time = forward_started.map(|t| t.elapsed());
 
         // Response phase: a management call that succeeded may have revoked
         // what the cache holds.
-        if forwarded.response.status().is_success() || forwarded.response.status().is_redirection() {
+        if response.status().is_success() || response.status().is_redirection() {
             let revocations = revocation_for(&method, &upstream_path, outcomes.identity.as_deref());
             if !revocations.is_empty() {
                 // Boxed: the rare revoking call should not make every
                 // request's future (moved on each request) larger.
-                Box::pin(self.revoke_after(&revocations, &upstream_path, cache_key, credential.as_ref())).await;
+                Box::pin(self.revoke_after(&revocations, &upstream_path, cache_key, credential.as_ref()))
+                    .await;
             }
         }
-        Ok(forwarded.response)
+        Ok(response)
     }
 
     /// A browser navigating to a UI page is sent to the login page; API

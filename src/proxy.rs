@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -238,12 +238,6 @@ pub struct Forwarder {
     response_timeout: Duration,
 }
 
-/// Time spent waiting for the upstream, for the access log.
-pub struct Forwarded {
-    pub response: Response<Body>,
-    pub upstream_time: Duration,
-}
-
 impl Forwarder {
     /// `upstreams`: every upstream a request may be sent to.
     pub fn new<'a>(
@@ -264,8 +258,7 @@ impl Forwarder {
         &self,
         request: Request<Incoming>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ) -> Result<Forwarded, ProxyError> {
-        let started = Instant::now();
+    ) -> Result<Response<Body>, ProxyError> {
         if client_upgrade.is_none() {
             if let Some(pool) = self.direct.for_request(&request) {
                 let mut response =
@@ -278,18 +271,14 @@ impl Forwarder {
                         Ok(Err(e)) => return Err(ProxyError::Unreachable(e.to_string())),
                         Ok(Ok(response)) => response,
                     };
-                let upstream_time = started.elapsed();
                 strip_hop_by_hop(response.headers_mut(), false);
-                return Ok(Forwarded {
-                    response: response.map(|body| match body {
-                        Exchanged::Whole(bytes) => Body::whole(bytes),
-                        Exchanged::Streamed(body) => Body::Direct(body),
-                    }),
-                    upstream_time,
-                });
+                return Ok(response.map(|body| match body {
+                    Exchanged::Whole(bytes) => Body::whole(bytes),
+                    Exchanged::Streamed(body) => Body::Direct(body),
+                }));
             }
         }
-        Box::pin(self.forward_pooled(request, client_upgrade, started)).await
+        Box::pin(self.forward_pooled(request, client_upgrade)).await
     }
 
     /// Through hyper's pooled client: requests with bodies, upgrades, https.
@@ -297,8 +286,7 @@ impl Forwarder {
         &self,
         mut request: Request<Incoming>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        started: Instant,
-    ) -> Result<Forwarded, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let upgrading = client_upgrade.is_some();
         *request.version_mut() = Version::HTTP_11;
         let mut response =
@@ -319,7 +307,6 @@ impl Forwarder {
                 }
                 Ok(Ok(response)) => response,
             };
-        let upstream_time = started.elapsed();
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(client_side)) = (switching, client_upgrade) {
             let upstream_side = hyper::upgrade::on(&mut response);
@@ -337,10 +324,7 @@ impl Forwarder {
             });
         }
         strip_hop_by_hop(response.headers_mut(), upgrading && switching);
-        Ok(Forwarded {
-            response: response.map(Body::Pooled),
-            upstream_time,
-        })
+        Ok(response.map(Body::Pooled))
     }
 }
 
