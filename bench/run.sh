@@ -329,10 +329,17 @@ if [[ "$PEERS_ONLY" != 1 ]]; then
 fi
 
 # ----------------------------------------------------------------- cases --
+# Table order.
 ALL_CASES=(upstream-direct nginx-tls nginx-basic-sha nginx-basic-bcrypt haproxy-tls haproxy-bearer
            caddy-tls caddy-basic-bcrypt)
 [[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer portcullis-basic portcullis-cookie
                                           portcullis-cold portcullis-l2)
+# Run order within a rep: the baseline sits next to the cases it is most
+# closely compared with (the close peers, then Portcullis' cache hits), so that
+# each per-rep ratio pairs runs seconds apart, not minutes.
+RUN_ORDER=(upstream-direct haproxy-tls haproxy-bearer nginx-basic-sha nginx-tls portcullis-bearer
+           portcullis-basic portcullis-cookie portcullis-l2 nginx-basic-bcrypt caddy-tls caddy-basic-bcrypt
+           portcullis-cold)
 if [[ "$H2" == 1 ]]; then
   ALL_CASES+=(nginx-tls-h2 haproxy-tls-h2 caddy-tls-h2)
   [[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer-h2)
@@ -518,6 +525,10 @@ for name in "${CASES[@]}"; do
 done
 
 # ------------------------------------------------------------ measurement --
+RUN_CASES=()
+for name in "${RUN_ORDER[@]}" "${CASES[@]}"; do
+  [[ " ${CASES[*]} " == *" $name "* && " ${RUN_CASES[*]} " != *" $name "* ]] && RUN_CASES+=("$name")
+done
 total=$(( REPS * $(wc -w <<< "$CONNS") * ${#CASES[@]} ))
 log "measuring: ${#CASES[@]} cases x c=[$CONNS] x $REPS reps, $DURATION each ($total runs, interleaved)"
 RUN_SEQ=0
@@ -525,7 +536,7 @@ LONG_LIVED=(upstream nginx haproxy caddy); [[ "$PEERS_ONLY" == 1 ]] || LONG_LIVE
 for ((rep = 1; rep <= REPS; rep++)); do
   for p in "${LONG_LIVED[@]}"; do alive_or_die "$p"; done
   for c in $CONNS; do
-    for name in "${CASES[@]}"; do
+    for name in "${RUN_CASES[@]}"; do
       RUN_SEQ=$((RUN_SEQ + 1))
       out=$RAW/$name.c$c.r$rep.txt
       pre_run "$name"

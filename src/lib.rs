@@ -8,7 +8,6 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
-pub mod exchange;
 pub mod gateway;
 pub mod proxy;
 pub mod revoke;

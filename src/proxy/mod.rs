@@ -1,5 +1,7 @@
 //! Forwarding: header hygiene, the upstream call with its time-outs, WebSocket
-//! upgrades. Bodies stream both ways; nothing here buffers a body.
+//! upgrades. Bodies stream both ways; nothing here buffers a body. The common
+//! bodyless GET/HEAD to a plain-HTTP upstream takes [`exchange`], in the
+//! request's own task; the rest takes hyper's pooled client.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -16,9 +18,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 
+pub mod exchange;
+
+use self::exchange::{DirectPools, ExchangeError, Exchanged, StreamedBody};
 use crate::auth::grafana::error_chain;
 use crate::config::{ConfigError, UpstreamConfig};
-use crate::exchange::{DirectPools, ExchangeError, Exchanged, StreamedBody};
 use crate::upstream::{self, Connector};
 
 /// What every response of the gateway carries.
