@@ -288,7 +288,10 @@ impl HostPool {
             http11 && !framing.is_until_close() && !has_token(&headers, header::CONNECTION, "close");
         let body = match framing {
             Framing::Length(0) | Framing::Empty => {
-                self.finish(conn, keep_alive, true);
+                // Bytes after a bodiless answer (a body sent to HEAD, say)
+                // would be read as the next answer: such a connection closes.
+                let clean = conn.read.is_empty();
+                self.finish(conn, keep_alive, clean);
                 Exchanged::Whole(Bytes::new())
             }
             // The common small answer: already read with its head.

@@ -712,6 +712,19 @@ async fn direct_exchange_handles_every_http1_framing_and_failure() {
     );
     assert_eq!(response.text().await.unwrap(), "");
 
+    // A body sent after a bodiless answer is not taken for the next answer.
+    for _ in 0..3 {
+        let response = client
+            .head(format!("{}/body-to-head", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let response = get("/length").await.unwrap();
+        assert_eq!(response.headers()["x-path"], "length");
+        assert_eq!(response.text().await.unwrap(), scripted::BODY);
+    }
+
     // Garbage is a 502 with a JSON body; a truncated body breaks the client's
     // response, not the gateway.
     let response = get("/garbage").await.unwrap();

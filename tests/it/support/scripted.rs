@@ -10,6 +10,7 @@
 //! - `/until-close`: no length at all; the body ends when the connection does
 //! - `/connection-close`: `Connection: close`, then the connection is closed
 //! - `/early-hints`: a `103` before the real answer
+//! - `/body-to-head`: sends its body even to HEAD (a broken upstream)
 //! - `/garbage`: not HTTP
 //! - `/truncated`: promises 100 bytes, sends 10, closes
 //! - `/drop-after`: a keep-alive answer, then the connection is closed while
@@ -94,6 +95,11 @@ async fn serve(mut stream: TcpStream) {
                     BODY.len(),
                     body(BODY)
                 ),
+                false,
+            ),
+            // A broken upstream: the body even to HEAD, where none may follow.
+            "/body-to-head" => (
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}", BODY.len()),
                 false,
             ),
             "/garbage" => ("SSH-2.0-OpenSSH_9.2\r\n\r\n".to_owned(), true),
