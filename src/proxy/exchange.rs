@@ -24,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use super::has_token;
 use crate::config::UpstreamConfig;
 
 /// hyper's own limit on a response head is larger; 64 KiB is what nginx
@@ -569,15 +570,6 @@ fn framing(
     Ok(length.map_or(Framing::UntilClose, Framing::Length))
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 enum Decoder {
     Length(u64),
     Chunked(Chunk),
@@ -616,9 +608,7 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Decoded::NeedMore);
                     }
-                    let take = (*remaining).min(buf.len() as u64);
-                    *remaining -= take;
-                    let data = buf.split_to(take as usize).freeze();
+                    let data = take_counted(remaining, buf);
                     if *remaining == 0 {
                         *self = Decoder::Done;
                     }
@@ -646,9 +636,7 @@ impl Decoder {
                         if buf.is_empty() {
                             return Ok(Decoded::NeedMore);
                         }
-                        let take = (*remaining).min(buf.len() as u64);
-                        *remaining -= take;
-                        let data = buf.split_to(take as usize).freeze();
+                        let data = take_counted(remaining, buf);
                         if *remaining == 0 {
                             *state = Chunk::DataEnd;
                         }
@@ -675,6 +663,13 @@ impl Decoder {
             }
         }
     }
+}
+
+/// Up to `remaining` bytes off the front of `buf`, counted off `remaining`.
+fn take_counted(remaining: &mut u64, buf: &mut BytesMut) -> Bytes {
+    let take = (*remaining).min(buf.len() as u64);
+    *remaining -= take;
+    buf.split_to(take as usize).freeze()
 }
 
 /// One line off the front of `buf`, without its CRLF (or bare LF).

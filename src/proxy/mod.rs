@@ -126,15 +126,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     if named_by_connection {
-        let named = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+        let named = header_tokens(headers, header::CONNECTION)
             // Options, not header names (keep-alive is in HOP_BY_HOP anyway).
             .filter(|token| {
-                !["close", "keep-alive", "upgrade", ""]
+                !["close", "keep-alive", "upgrade"]
                     .iter()
                     .any(|o| token.eq_ignore_ascii_case(o))
             })
@@ -152,13 +147,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
     request.version() == Version::HTTP_11
         && request.headers().contains_key(header::UPGRADE)
-        && request
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && has_token(request.headers(), header::CONNECTION, "upgrade")
+}
+
+/// The comma-separated tokens of every line of a list header (RFC 9110
+/// §5.6.1), trimmed; empty elements and unreadable lines are skipped.
+pub fn header_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a list header carries `token`, in any case.
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Who may tell us about the original client.
