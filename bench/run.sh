@@ -17,6 +17,7 @@
 #   BENCH_PEERS_ONLY=1      skip the Portcullis cases (no cargo build)
 #   BENCH_TOKENS=2000       distinct service-account tokens for cold / L2 cases
 #   BENCH_L2_L1_ENTRIES=64  L1 size of the gateway measured on L2 hits
+#   BENCH_MEM_IDENTITIES=100000  identities cached by the memory case's gateway
 #   BENCH_PC_TTL=1h         Portcullis cache TTL (long, so nothing expires mid-run)
 #   BENCH_SERVER_CPU=0      core for every server (upstream, proxy, stand-in, redis)
 #   BENCH_CLIENT_CPU=1      core for the load generator
@@ -49,6 +50,7 @@ REPS=${BENCH_REPS:-3}
 ONLY=${BENCH_ONLY:-}
 PEERS_ONLY=${BENCH_PEERS_ONLY:-0}
 L2_L1_ENTRIES=${BENCH_L2_L1_ENTRIES:-64}
+MEM_IDENTITIES=${BENCH_MEM_IDENTITIES:-100000}
 PC_TTL=${BENCH_PC_TTL:-1h}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
@@ -65,6 +67,7 @@ PORT_PC=$((BASE + 473)); PORT_PC_ADMIN=$((BASE + 474))
 PORT_PC_COLD=$((BASE + 475)); PORT_PC_COLD_ADMIN=$((BASE + 476))
 PORT_PC_L2A=$((BASE + 477)); PORT_PC_L2A_ADMIN=$((BASE + 478))
 PORT_PC_L2B=$((BASE + 479)); PORT_PC_L2B_ADMIN=$((BASE + 480))
+PORT_PC_MEM=$((BASE + 481)); PORT_PC_MEM_ADMIN=$((BASE + 482))
 PORT_STUB=$((BASE + 490)); PORT_REDIS=$((BASE + 379))
 
 BASIC_USER=bench; BASIC_PASS=bench-password-1
@@ -88,7 +91,7 @@ busy=()
 for p in "$PORT_UPSTREAM" "$PORT_NGINX_TLS" "$PORT_NGINX_SHA" "$PORT_NGINX_BCRYPT" "$PORT_HAPROXY_TLS" \
          "$PORT_HAPROXY_BEARER" "$PORT_CADDY_TLS" "$PORT_CADDY_BASIC" "$PORT_PC" "$PORT_PC_ADMIN" \
          "$PORT_PC_COLD" "$PORT_PC_COLD_ADMIN" "$PORT_PC_L2A" "$PORT_PC_L2A_ADMIN" "$PORT_PC_L2B" \
-         "$PORT_PC_L2B_ADMIN" "$PORT_STUB" "$PORT_REDIS"; do
+         "$PORT_PC_L2B_ADMIN" "$PORT_PC_MEM" "$PORT_PC_MEM_ADMIN" "$PORT_STUB" "$PORT_REDIS"; do
   port_busy "$p" && busy+=("$p")
 done
 ((${#busy[@]} == 0)) || die "ports already in use on 127.0.0.1: ${busy[*]} (pick another block with BENCH_PORT_BASE)"
@@ -117,18 +120,21 @@ install_missing
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 PC_BIN=$TARGET_DIR/release/portcullis
 STUB_BIN=$TARGET_DIR/release/examples/grafana_stub
+MEM_BIN=$TARGET_DIR/release/examples/cache_memory
 if [[ "$PEERS_ONLY" != 1 ]]; then
   if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
     command -v cargo >/dev/null || { [[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"; }
     command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) or run with BENCH_PEERS_ONLY=1"
-    log "cargo build --release (portcullis, grafana_stub)"
-    (cd "$ROOT" && cargo build --release --quiet --bin portcullis) || die "cargo build of portcullis failed"
+    log "cargo build --release (portcullis, grafana_stub, cache_memory)"
+    (cd "$ROOT" && cargo build --release --quiet --bin portcullis --example cache_memory) ||
+      die "cargo build of portcullis failed"
     (cd "$ROOT" && { cargo build --release --quiet --example grafana_stub 2>/dev/null ||
                      cargo build --release --quiet -p grafana-stub --example grafana_stub; }) ||
       die "cargo build of the grafana_stub example failed"
   fi
   [[ -x "$PC_BIN" ]] || die "$PC_BIN missing"
   [[ -x "$STUB_BIN" ]] || die "$STUB_BIN missing"
+  [[ -x "$MEM_BIN" ]] || die "$MEM_BIN missing"
 fi
 
 # ----------------------------------------------------------- out directory --
@@ -211,7 +217,7 @@ CADDY_BCRYPT=$(caddy hash-password --plaintext "$BASIC_PASS")          # bcrypt,
   printf '</body></html>\n'
 } > "$RUN/www/index.html"
 chmod -R a+rX "$RUN/www"
-openssl rand -out "$RUN/cache.key" 32
+openssl rand -hex 32 > "$RUN/cache.key"   # text: the gateway trims whitespace around the key
 echo "glsa_placeholder" > "$RUN/haproxy-tokens.lst"   # final list written once tokens exist
 BASIC_PEER_B64=$(printf '%s:%s' "$BASIC_USER" "$BASIC_PASS" | base64 -w0)
 BASIC_GRAFANA_B64=$(printf '%s:%s' "$GRAFANA_USER" "$GRAFANA_PASS" | base64 -w0)
@@ -328,17 +334,41 @@ if [[ "$PEERS_ONLY" != 1 ]]; then
   stop_name pc-l2a
 fi
 
+# The memory case: a gateway holding MEM_IDENTITIES identities in L1 (the
+# default cache.max_entries is 100,000). Verifying that many tokens against the
+# stand-in would cost two PBKDF2 runs each (minting and checking: hours on one
+# core), so the identities are written into Redis by the gateway's own L2
+# writer for freshly generated, well-formed tokens, and the gateway loads each
+# on first sight, as it would one that another replica verified.
+MEM_TOKENS_FILE=$RUN/mem-tokens.txt
+mem_entries() { curl -s --max-time 5 "http://127.0.0.1:$PORT_PC_MEM_ADMIN/metrics" | awk '$1 == "portcullis_cache_entries" {print $2}'; }
+if [[ "$PEERS_ONLY" != 1 ]] && ((MEM_IDENTITIES > 0)) && [[ -z "$ONLY" || portcullis-mem =~ $ONLY ]]; then
+  log "memory case: seeding $MEM_IDENTITIES identities into redis (examples/cache_memory --seed-redis)"
+  taskset -c "$CLIENT_CPU" "$MEM_BIN" "$MEM_IDENTITIES" --seed-redis "redis://127.0.0.1:$PORT_REDIS/" \
+    --key-file "$RUN/cache.key" --ttl "$PC_TTL" > "$MEM_TOKENS_FILE" 2> "$RUN/mem-seed.log" ||
+    { cat "$RUN/mem-seed.log" >&2; die "seeding the memory case failed"; }
+  pc_start pc-mem "$PORT_PC_MEM" "$PORT_PC_MEM_ADMIN" "$MEM_IDENTITIES" 1
+  MEM_START_KIB=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID_OF[pc-mem]}/status")
+  taskset -c "$CLIENT_CPU" wrk -t1 -c64 -d600s --timeout "$WRK_TIMEOUT" -s "$BENCH_DIR/lua/tokens.lua" \
+    "https://127.0.0.1:$PORT_PC_MEM/" -- "$MEM_TOKENS_FILE" "Bearer " 0 once > "$RAW/mem-fill.txt" 2>&1 || true
+  # Requests cut off when wrk stopped are loaded by the warm-up run.
+  MEM_FILLED=$(mem_entries)
+  MEM_FILLED_KIB=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID_OF[pc-mem]}/status")
+  log "memory case: L1 holds ${MEM_FILLED:-?} identities; RSS $((MEM_START_KIB / 1024)) MiB at start, $((MEM_FILLED_KIB / 1024)) MiB filled"
+fi
+
 # ----------------------------------------------------------------- cases --
 # Table order.
 ALL_CASES=(upstream-direct nginx-tls nginx-basic-sha nginx-basic-bcrypt haproxy-tls haproxy-bearer
            caddy-tls caddy-basic-bcrypt)
 [[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer portcullis-basic portcullis-cookie
                                           portcullis-cold portcullis-l2)
+[[ "$PEERS_ONLY" == 1 ]] || ((MEM_IDENTITIES == 0)) || ALL_CASES+=(portcullis-mem)
 # Run order within a rep: the baseline sits next to the cases it is most
 # closely compared with (the close peers, then Portcullis' cache hits), so that
 # each per-rep ratio pairs runs seconds apart, not minutes.
 RUN_ORDER=(upstream-direct haproxy-tls haproxy-bearer nginx-basic-sha nginx-tls portcullis-bearer
-           portcullis-basic portcullis-cookie portcullis-l2 nginx-basic-bcrypt caddy-tls caddy-basic-bcrypt
+           portcullis-basic portcullis-cookie portcullis-l2 portcullis-mem nginx-basic-bcrypt caddy-tls caddy-basic-bcrypt
            portcullis-cold)
 if [[ "$H2" == 1 ]]; then
   ALL_CASES+=(nginx-tls-h2 haproxy-tls-h2 caddy-tls-h2)
@@ -365,6 +395,7 @@ describe() {
     portcullis-cookie) echo "Portcullis session cookie, cache hit" ;;
     portcullis-cold) echo "Portcullis cold: distinct tokens, each verified once" ;;
     portcullis-l2) echo "Portcullis L2 (Redis) hits" ;;
+    portcullis-mem) echo "Portcullis, $MEM_IDENTITIES cached identities, L1 hits across all" ;;
   esac
 }
 # case_target NAME: sets URL, HDR (curl/wrk header args) and SCRIPT (wrk script args)
@@ -384,6 +415,7 @@ case_target() {
     portcullis-cookie) URL=https://127.0.0.1:$PORT_PC/; HDR=(-H "Cookie: grafana_session=$SESSION") ;;
     portcullis-cold) URL=https://127.0.0.1:$PORT_PC_COLD/; SCRIPT=(-s "$BENCH_DIR/lua/tokens.lua") ;;
     portcullis-l2) URL=https://127.0.0.1:$PORT_PC_L2B/; SCRIPT=(-s "$BENCH_DIR/lua/tokens.lua") ;;
+    portcullis-mem) URL=https://127.0.0.1:$PORT_PC_MEM/; SCRIPT=(-s "$BENCH_DIR/lua/tokens.lua") ;;
     *) die "unknown case $1" ;;
   esac
 }
@@ -391,7 +423,8 @@ case_needs_auth() { local n=${1%-h2}; [[ "$n" != upstream-direct && "$n" != *-tl
 case_process() {  # which long-lived process serves the case (for peak RSS)
   case ${1%-h2} in
     upstream-direct) echo upstream ;; nginx-*) echo nginx ;; haproxy-*) echo haproxy ;;
-    caddy-*) echo caddy ;; portcullis-cold|portcullis-l2) echo "" ;; portcullis-*) echo pc ;;
+    caddy-*) echo caddy ;; portcullis-cold|portcullis-l2) echo "" ;; portcullis-mem) echo pc-mem ;;
+    portcullis-*) echo pc ;;
   esac
 }
 
@@ -464,6 +497,7 @@ run_wrk() {  # run_wrk CASE C DURATION OUTFILE
   case $name in
     portcullis-cold) sargs=(-- "$TOKENS_FILE" "Bearer " "$(( (RUN_SEQ * 997) % TOKENS ))" once) ;;
     portcullis-l2) sargs=(-- "$TOKENS_FILE" "Bearer " "$(( (RUN_SEQ * 997) % TOKENS ))") ;;
+    portcullis-mem) sargs=(-- "$MEM_TOKENS_FILE" "Bearer " "$(( (RUN_SEQ * 9973) % MEM_IDENTITIES ))") ;;
   esac
   taskset -c "$CLIENT_CPU" wrk -t1 -c"$c" -d"$d" --timeout "$WRK_TIMEOUT" --latency \
     "${HDR[@]}" "${SCRIPT[@]}" "$URL" "${sargs[@]}" > "$out" 2>&1 || true
@@ -474,7 +508,7 @@ log "sanity checks (200 with the credential, 401 without)"
 SANITY_FAILED=()
 for name in "${CASES[@]}"; do
   case_target "$name"
-  [[ "$name" == portcullis-cold || "$name" == portcullis-l2 ]] && continue
+  [[ "$name" == portcullis-cold || "$name" == portcullis-l2 || "$name" == portcullis-mem ]] && continue
   if [[ "$name" == *-h2 ]]; then
     code=$(curl -sk --http2 -o /dev/null -w '%{http_code}/%{http_version}' --max-time 10 "${HDR[@]}" "$URL" || true)
     [[ "$code" == 200/2 ]] || { log "  $name: expected 200 over HTTP/2, got $code"; SANITY_FAILED+=("$name"); }
@@ -495,6 +529,12 @@ if [[ " ${CASES[*]} " == *" portcullis-cold "* ]]; then
   [[ "$code" == 200 ]] || { log "  portcullis-cold: valid token gave $code, expected 200"; SANITY_FAILED+=(portcullis-cold); }
   stop_name pc-cold
 fi
+if [[ " ${CASES[*]} " == *" portcullis-mem "* ]]; then
+  code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 -H "Authorization: Bearer $(head -1 "$MEM_TOKENS_FILE")" "https://127.0.0.1:$PORT_PC_MEM/" || true)
+  [[ "$code" == 200 ]] || { log "  portcullis-mem: a seeded token gave $code, expected 200"; SANITY_FAILED+=(portcullis-mem); }
+  code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 "https://127.0.0.1:$PORT_PC_MEM/" || true)
+  [[ "$code" == 401 ]] || { log "  portcullis-mem: no credential gave $code, expected 401"; SANITY_FAILED+=(portcullis-mem); }
+fi
 ((${#SANITY_FAILED[@]} == 0)) || die "sanity checks failed: ${SANITY_FAILED[*]}"
 
 # TLS actually negotiated by each endpoint (same cert; recorded, not enforced)
@@ -502,7 +542,7 @@ fi
   for name in "${CASES[@]}"; do
     case_target "$name"; [[ "$URL" == https://* ]] || continue
     port=${URL##*:}; port=${port%/}
-    [[ "$name" == portcullis-cold || "$name" == portcullis-l2 ]] && continue
+    [[ "$name" == portcullis-cold || "$name" == portcullis-l2 || "$name" == portcullis-mem ]] && continue
     printf '%-20s %s\n' "$name" "$(openssl s_client -connect "127.0.0.1:$port" -servername localhost </dev/null 2>/dev/null |
       grep -m1 '^New,')"
   done
@@ -533,6 +573,7 @@ total=$(( REPS * $(wc -w <<< "$CONNS") * ${#CASES[@]} ))
 log "measuring: ${#CASES[@]} cases x c=[$CONNS] x $REPS reps, $DURATION each ($total runs, interleaved)"
 RUN_SEQ=0
 LONG_LIVED=(upstream nginx haproxy caddy); [[ "$PEERS_ONLY" == 1 ]] || LONG_LIVED+=(redis stub pc)
+[[ -z "${PID_OF[pc-mem]:-}" ]] || LONG_LIVED+=(pc-mem)
 for ((rep = 1; rep <= REPS; rep++)); do
   for p in "${LONG_LIVED[@]}"; do alive_or_die "$p"; done
   for c in $CONNS; do
@@ -551,6 +592,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
   done
 done
 
+[[ -z "${PID_OF[pc-mem]:-}" ]] || MEM_HELD=$(mem_entries)
 # Peak RSS of the long-lived processes, read before they stop.
 for name in "${CASES[@]}"; do
   p=$(case_process "$name"); [[ -n "$p" && -n "${PID_OF[$p]:-}" ]] || continue
@@ -595,6 +637,8 @@ TABLE=$OUT/table.md
           reqs=$(col "$name" "$c" 7 | awk '{s += $1} END {print s + 0}')
           notes+=("$(awk -v h="$hits" -v r="$reqs" 'BEGIN { if (r > 0) printf "%.0f%%", 100 * h / r; else print "?" }') of requests were Redis hits, L1=$L2_L1_ENTRIES, fresh gateway") ;;
         portcullis-bearer|portcullis-basic|portcullis-cookie) notes+=("one gateway process") ;;
+        portcullis-mem)
+          notes+=("L1 held ${MEM_HELD:-?} identities at the end; RSS $(awk -v k="${MEM_FILLED_KIB:-0}" 'BEGIN { printf "%.1f", k / 1024 }') MiB idle once filled, $(awk -v k="${MEM_START_KIB:-0}" 'BEGIN { printf "%.1f", k / 1024 }') MiB empty") ;;
       esac
       n=""; for x in "${notes[@]}"; do n+="${n:+; }$x"; done
       if [[ "$name" == *-h2 ]]; then p50=-; p99=-; else p50=$(fmt_ms "$p50"); p99=$(fmt_ms "$p99"); fi

@@ -297,7 +297,7 @@ impl Gateway {
                 status = response.status().as_u16(),
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 upstream_ms = outcomes.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
-                user = outcomes.identity.as_deref().map(|i| i.login.as_str()),
+                user = outcomes.identity.as_deref().map(|i| i.login()),
                 cache = outcomes.source.map(|s| match s { Source::Local => "hit", Source::Shared => "redis", Source::Verifier => "miss" }),
             );
         }

@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{
-    AuthMethod, Credential, DenyReason, Identity, Principal, PrincipalKind, Role, Verdict, VerifyError,
+    AuthMethod, Credential, DenyReason, Identity, IdentityRecord, Principal, PrincipalKind, Role, Verdict,
+    VerifyError,
 };
 use crate::config::{Config, GrafanaFlavor};
 use crate::upstream::{self, Connector};
@@ -439,18 +440,18 @@ fn identity(
     grafana_admin: bool,
     method: AuthMethod,
 ) -> Box<Identity> {
-    Box::new(Identity {
+    Box::new(Identity::from(IdentityRecord {
         principal,
-        login,
-        email,
-        name,
+        login: login.into(),
+        email: email.into(),
+        name: name.into(),
         org_id,
         org_role,
         grafana_admin,
         method,
         verified_at_ms: 0,
         expires_at_ms: 0,
-    })
+    }))
 }
 
 /// The whole cause chain of a client error: hyper's top-level message alone

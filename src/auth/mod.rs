@@ -7,7 +7,7 @@ pub mod identity;
 pub mod static_users;
 
 pub use credential::{Credential, CredentialError, CredentialKind};
-pub use identity::{AuthMethod, Identity, Principal, PrincipalKind, Role};
+pub use identity::{AuthMethod, Identity, IdentityRecord, Principal, PrincipalKind, Role};
 
 use crate::config::{Config, VerifierKind};
 

@@ -4,7 +4,9 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{AuthMethod, Credential, DenyReason, Identity, Principal, PrincipalKind, Verdict};
+use super::{
+    AuthMethod, Credential, DenyReason, Identity, IdentityRecord, Principal, PrincipalKind, Verdict,
+};
 use crate::config::{AuthConfig, StaticUserConfig};
 
 pub struct StaticVerifier {
@@ -49,20 +51,20 @@ impl StaticVerifier {
             return Verdict::Denied(DenyReason::Invalid);
         };
         let user = &self.users[i].0;
-        Verdict::Allowed(Box::new(Identity {
+        Verdict::Allowed(Box::new(Identity::from(IdentityRecord {
             principal: Principal {
                 kind: PrincipalKind::User,
                 id: i as i64 + 1,
             },
-            login: user.login.clone(),
-            email: user.email.clone(),
-            name: user.name.clone(),
+            login: user.login.as_str().into(),
+            email: user.email.as_str().into(),
+            name: user.name.as_str().into(),
             org_id: 1,
             org_role: user.role,
             grafana_admin: user.grafana_admin,
             method,
             verified_at_ms: 0,
             expires_at_ms: 0,
-        }))
+        })))
     }
 }

@@ -781,17 +781,19 @@ async fn fleet_figures() {
 /// Two caches (as two replicas would hold) on `config`: what one verified
 /// the other serves from Redis, and one revocation empties both and Redis.
 async fn caches_share_and_evict(config: portcullis::config::CacheConfig) {
-    use portcullis::auth::{AuthMethod, Credential, DenyReason, Identity, Principal, PrincipalKind, Verdict};
+    use portcullis::auth::{
+        AuthMethod, Credential, DenyReason, Identity, IdentityRecord, Principal, PrincipalKind, Verdict,
+    };
     use portcullis::cache::{Cache, Eviction, KeyOrigin, Keyer, Shared, Source};
 
     let principal = Principal {
         kind: PrincipalKind::ServiceAccount,
         id: 7,
     };
-    let identity = || Identity {
+    let identity = || IdentityRecord {
         principal,
         login: "sa-7".into(),
-        email: String::new(),
+        email: "".into(),
         name: "seven".into(),
         org_id: 1,
         org_role: Role::Viewer,
@@ -823,7 +825,9 @@ async fn caches_share_and_evict(config: portcullis::config::CacheConfig) {
         .collect();
     for key in &keys {
         let (_, source) = caches[0]
-            .resolve(*key, || async { Ok(Verdict::Allowed(Box::new(identity()))) })
+            .resolve(*key, || async {
+                Ok(Verdict::Allowed(Box::new(Identity::from(identity()))))
+            })
             .await
             .unwrap();
         assert_eq!(source, Source::Verifier);
