@@ -344,15 +344,24 @@ MEM_TOKENS_FILE=$RUN/mem-tokens.txt
 mem_entries() { curl -s --max-time 5 "http://127.0.0.1:$PORT_PC_MEM_ADMIN/metrics" | awk '$1 == "portcullis_cache_entries" {print $2}'; }
 if [[ "$PEERS_ONLY" != 1 ]] && ((MEM_IDENTITIES > 0)) && [[ -z "$ONLY" || portcullis-mem =~ $ONLY ]]; then
   log "memory case: seeding $MEM_IDENTITIES identities into redis (examples/cache_memory --seed-redis)"
+  t0=$(date +%s)
   taskset -c "$CLIENT_CPU" "$MEM_BIN" "$MEM_IDENTITIES" --seed-redis "redis://127.0.0.1:$PORT_REDIS/" \
     --key-file "$RUN/cache.key" --ttl "$PC_TTL" > "$MEM_TOKENS_FILE" 2> "$RUN/mem-seed.log" ||
     { cat "$RUN/mem-seed.log" >&2; die "seeding the memory case failed"; }
+  log "memory case: seeded in $(( $(date +%s) - t0 ))s; loading them into a fresh gateway's L1"
   pc_start pc-mem "$PORT_PC_MEM" "$PORT_PC_MEM_ADMIN" "$MEM_IDENTITIES" 1
   MEM_START_KIB=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID_OF[pc-mem]}/status")
-  taskset -c "$CLIENT_CPU" wrk -t1 -c64 -d600s --timeout "$WRK_TIMEOUT" -s "$BENCH_DIR/lua/tokens.lua" \
-    "https://127.0.0.1:$PORT_PC_MEM/" -- "$MEM_TOKENS_FILE" "Bearer " 0 once > "$RAW/mem-fill.txt" 2>&1 || true
-  # Requests cut off when wrk stopped are loaded by the warm-up run.
-  MEM_FILLED=$(mem_entries)
+  # wrk runs for its whole -d even after the list is used up: short passes,
+  # each starting about where the last one stopped (loading goes down the
+  # list), until L1 holds every identity.
+  MEM_FILLED=0
+  for ((pass = 1; pass <= 30; pass++)); do
+    taskset -c "$CLIENT_CPU" wrk -t1 -c64 -d3s --timeout "$WRK_TIMEOUT" -s "$BENCH_DIR/lua/tokens.lua" \
+      "https://127.0.0.1:$PORT_PC_MEM/" -- "$MEM_TOKENS_FILE" "Bearer " "$(( MEM_FILLED * 99 / 100 ))" once \
+      > "$RAW/mem-fill.$pass.txt" 2>&1 || true
+    MEM_FILLED=$(mem_entries)
+    (( ${MEM_FILLED:-0} >= MEM_IDENTITIES )) && break
+  done
   MEM_FILLED_KIB=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID_OF[pc-mem]}/status")
   log "memory case: L1 holds ${MEM_FILLED:-?} identities; RSS $((MEM_START_KIB / 1024)) MiB at start, $((MEM_FILLED_KIB / 1024)) MiB filled"
 fi
@@ -557,6 +566,7 @@ fi
   [[ "$PEERS_ONLY" == 1 ]] || echo "portcullis: $PC_BIN ($(stat -c %y "$PC_BIN"))"
 } > "$OUT/meta.txt"
 
+RUN_SEQ=0
 # Warm-up: once per long-lived case (Caddy's bcrypt cache, the gateway's L1, TLS session caches).
 log "warm-up ($WARMUP per case)"
 for name in "${CASES[@]}"; do
@@ -571,7 +581,6 @@ for name in "${RUN_ORDER[@]}" "${CASES[@]}"; do
 done
 total=$(( REPS * $(wc -w <<< "$CONNS") * ${#CASES[@]} ))
 log "measuring: ${#CASES[@]} cases x c=[$CONNS] x $REPS reps, $DURATION each ($total runs, interleaved)"
-RUN_SEQ=0
 LONG_LIVED=(upstream nginx haproxy caddy); [[ "$PEERS_ONLY" == 1 ]] || LONG_LIVED+=(redis stub pc)
 [[ -z "${PID_OF[pc-mem]:-}" ]] || LONG_LIVED+=(pc-mem)
 for ((rep = 1; rep <= REPS; rep++)); do
