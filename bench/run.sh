@@ -536,6 +536,16 @@ if [[ " ${CASES[*]} " == *" portcullis-cold "* ]]; then
   [[ "$code" == 401 ]] || { log "  portcullis-cold: unknown token gave $code, expected 401"; SANITY_FAILED+=(portcullis-cold); }
   code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 -H "Authorization: Bearer $HOT_TOKEN" "https://127.0.0.1:$PORT_PC_COLD/" || true)
   [[ "$code" == 200 ]] || { log "  portcullis-cold: valid token gave $code, expected 200"; SANITY_FAILED+=(portcullis-cold); }
+  # Merging: 256 connections at once with one token this gateway has not seen.
+  verifications() { curl -s --max-time 5 "http://127.0.0.1:$PORT_PC_COLD_ADMIN/metrics" |
+    awk '$1 == "portcullis_identity_lookups_total{source=\"verifier\"}" {print $2}'; }
+  v0=$(verifications)
+  taskset -c "$CLIENT_CPU" wrk -t1 -c256 -d2s --timeout "$WRK_TIMEOUT" -H "Authorization: Bearer $(head -1 "$TOKENS_FILE")" \
+    "https://127.0.0.1:$PORT_PC_COLD/" > "$RAW/cold-merge.txt" 2>&1 || true
+  read -r _ _ _ MERGE_REQUESTS MERGE_BAD _ < <(parse_wrk "$RAW/cold-merge.txt")
+  MERGE_VERIFICATIONS=$(( $(verifications) - v0 ))
+  log "  portcullis-cold: $MERGE_REQUESTS requests at c=256 with one new token: $MERGE_VERIFICATIONS verification(s), $MERGE_BAD non-2xx"
+  ((MERGE_VERIFICATIONS == 1 && MERGE_BAD == 0)) || SANITY_FAILED+=(portcullis-cold)
   stop_name pc-cold
 fi
 if [[ " ${CASES[*]} " == *" portcullis-mem "* ]]; then
@@ -640,7 +650,7 @@ TABLE=$OUT/table.md
       errs=$(col "$name" "$c" 9 | awk '{s += $1} END {print s + 0}'); ((errs == 0)) || notes+=("$errs socket errors")
       case $name in
         portcullis-cold)
-          notes+=("$(col "$name" "$c" 7 | median | cut -d. -f1) distinct tokens/run (of $TOKENS), each sent once, fresh gateway") ;;
+          notes+=("$(col "$name" "$c" 7 | median | cut -d. -f1) distinct tokens/run (of $TOKENS), each sent once, fresh gateway; merged: $MERGE_REQUESTS requests at c=256 with one new token made $MERGE_VERIFICATIONS verification") ;;
         portcullis-l2)
           hits=$(col "$name" "$c" 10 | sed 's/l2hits=//' | awk '{s += $1} END {print s + 0}')
           reqs=$(col "$name" "$c" 7 | awk '{s += $1} END {print s + 0}')
