@@ -665,6 +665,23 @@ TABLE=$OUT/table.md
     done
   done
   echo
+  # The issue's bar, read off the rows above.
+  bar=()
+  for c in $CONNS; do
+    for name in portcullis-bearer portcullis-basic; do
+      [[ " ${CASES[*]} " == *" $name "* ]] || continue
+      r=$(paired_ratio "$name" "$c" nginx-tls); p=$(col "$name" "$c" 6 | median); pb=$(col nginx-tls "$c" 6 | median)
+      verdict=$(awk -v r="$r" -v p="$p" -v pb="$pb" 'BEGIN { print (r >= 1 && p <= pb) ? "met" : "NOT met" }')
+      bar+=("${name#portcullis-} c=$c: $(printf '%.2f' "$r")x, p99 $(fmt_ms "$p") vs $(fmt_ms "$pb") ms: $verdict")
+    done
+  done
+  if [[ -n "${RSS_KIB[portcullis-mem]:-}" ]]; then
+    bar+=("memory: $(awk -v k="${RSS_KIB[portcullis-mem]}" 'BEGIN { printf "%.1f", k / 1024 }') MiB peak with ${MEM_HELD:-?} identities: $(awk -v k="${RSS_KIB[portcullis-mem]}" 'BEGIN { print (k < 65536) ? "met" : "NOT met" }')")
+  fi
+  if ((${#bar[@]})); then
+    echo "Bar (cache hit >= 1.00x nginx TLS req/s with p99 no worse; under 64 MiB with 100,000 identities): $(IFS=';'; echo "${bar[*]}" | sed 's/;/; /g')"
+    echo
+  fi
   echo "Ratios are taken in this run only: for each rep, the case's req/s over nginx's plain TLS proxy's in the same rep at the same c, and the median of those per-rep ratios (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
 } > "$TABLE"
 echo
