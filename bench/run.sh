@@ -25,6 +25,12 @@
 #   BENCH_SKIP_INSTALL=1    do not apt-get anything
 #   BENCH_SKIP_BUILD=1      use the existing release binaries
 #   BENCH_H2=1              also run h2load (HTTP/2) for nginx-tls and portcullis-bearer
+#   BENCH_MAX_STEAL=2       a run during which the hypervisor took more than
+#                           this % of the two cores (steal time) is repeated,
+#   BENCH_STEAL_RETRIES=4   up to this many times; the quietest attempt counts
+#   BENCH_HOLD=1            after the sanity checks, print each case's URL and
+#                           credential and keep every server up until Ctrl-C
+#                           (for profiling by hand); no runs, no table
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -56,6 +62,9 @@ SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 BASE=${BENCH_PORT_BASE:-23000}
 H2=${BENCH_H2:-0}
+HOLD=${BENCH_HOLD:-0}
+MAX_STEAL=${BENCH_MAX_STEAL:-2}
+STEAL_RETRIES=${BENCH_STEAL_RETRIES:-4}
 H2_STREAMS=${BENCH_H2_STREAMS:-10}
 WRK_TIMEOUT=${BENCH_WRK_TIMEOUT:-10s}
 
@@ -145,7 +154,7 @@ mkdir -p "$RUN" "$RAW" "$RUN/www" "$RUN/caddy-data"
 mkdir -p "$RUN"/{upstream-tmp,nginx-tmp}/{body,proxy,fastcgi,uwsgi,scgi}
 ln -sfn "$STAMP" "$BENCH_DIR/out/latest"
 RESULTS=$OUT/results.tsv
-printf 'case\tc\trep\trps\tp50_ms\tp99_ms\trequests\tnon2xx\tsock_errors\tnote\n' > "$RESULTS"
+printf 'case\tc\trep\trps\tp50_ms\tp99_ms\trequests\tnon2xx\tsock_errors\tnote\tsteal_pct\n' > "$RESULTS"
 chmod 755 "$OUT" "$RUN"   # nginx workers may run as nobody: they read htpasswd and www/
 log "results in $OUT"
 
@@ -467,6 +476,18 @@ post_run() {  # post_run CASE REQUESTS WRK_OUTPUT -> sets POST_NOTE (no subshell
       POST_NOTE="l2hits=$hits" ;;
   esac
 }
+# Steal: time the hypervisor gave this VM's vCPUs to someone else. A run
+# during which it took a real share of a core measures the host, not the
+# proxy (throughput and p99 follow it closely), so such a run is repeated.
+steal_snapshot() {  # "steal total" jiffies of the server and client cores
+  awk -v s="cpu$SERVER_CPU" -v c="cpu$CLIENT_CPU" '$1 == s || $1 == c {
+      t = 0; for (i = 2; i <= 9; i++) t += $i; st += $9; tot += t }  # guest time is inside user
+    END { print st, tot }' /proc/stat
+}
+steal_pct() {  # steal_pct "BEFORE" "AFTER" -> percent of the two cores' time
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ")
+    d = y[2] - x[2]; printf "%.1f", (d > 0) ? 100 * (y[1] - x[1]) / d : 0 }'
+}
 redis_stat() { redis-cli -p "$PORT_REDIS" info stats | tr -d '\r' | awk -F: -v k="$1" '$1 == k {print $2}'; }
 
 parse_wrk() {  # -> rps p50_ms p99_ms requests non2xx sock_errors
@@ -556,6 +577,17 @@ if [[ " ${CASES[*]} " == *" portcullis-mem "* ]]; then
 fi
 ((${#SANITY_FAILED[@]} == 0)) || die "sanity checks failed: ${SANITY_FAILED[*]}"
 
+if [[ "$HOLD" == 1 ]]; then
+  # For profiling by hand (perf, wrk with other options): everything stays up.
+  for name in "${CASES[@]}"; do
+    case_target "$name"
+    log "  $name: ${URL} ${HDR[*]}"
+  done
+  log "holding: every server is up (pids in $RUN/*.pid); Ctrl-C or kill -TERM $$ stops them all"
+  # `wait` (unlike a foreground sleep) returns as soon as a signal arrives.
+  while :; do sleep 3600 & wait $! || true; done
+fi
+
 # TLS actually negotiated by each endpoint (same cert; recorded, not enforced)
 {
   for name in "${CASES[@]}"; do
@@ -599,13 +631,24 @@ for ((rep = 1; rep <= REPS; rep++)); do
     for name in "${RUN_CASES[@]}"; do
       RUN_SEQ=$((RUN_SEQ + 1))
       out=$RAW/$name.c$c.r$rep.txt
-      pre_run "$name"
-      run_wrk "$name" "$c" "$DURATION" "$out"
-      if [[ "$name" == *-h2 ]]; then read -r rps p50 p99 req n2 err < <(parse_h2load "$out")
-      else read -r rps p50 p99 req n2 err < <(parse_wrk "$out"); fi
-      post_run "$name" "$req" "$out"; note=$POST_NOTE
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "$note" >> "$RESULTS"
-      log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms$( ((n2 == 0)) || echo " NON-2XX=$n2")$( ((err == 0)) || echo " sockerr=$err")${note:+ $note}"
+      best=""
+      for ((attempt = 1; attempt <= 1 + STEAL_RETRIES; attempt++)); do
+        pre_run "$name"
+        steal0=$(steal_snapshot)
+        run_wrk "$name" "$c" "$DURATION" "$out.try$attempt"
+        steal=$(steal_pct "$steal0" "$(steal_snapshot)")
+        if [[ "$name" == *-h2 ]]; then read -r rps p50 p99 req n2 err < <(parse_h2load "$out.try$attempt")
+        else read -r rps p50 p99 req n2 err < <(parse_wrk "$out.try$attempt"); fi
+        post_run "$name" "$req" "$out.try$attempt"
+        if [[ -z "$best" ]] || awk -v a="$steal" -v b="${best%% *}" 'BEGIN { exit !(a < b) }'; then
+          best="$steal $rps $p50 $p99 $req $n2 $err $POST_NOTE"; cp "$out.try$attempt" "$out"
+        fi
+        awk -v a="$steal" -v m="$MAX_STEAL" 'BEGIN { exit !(a <= m) }' && break
+        ((attempt > STEAL_RETRIES)) || { log "  $name c=$c: the hypervisor took ${steal}% of the two cores during the run (over ${MAX_STEAL}%): again"; sleep 3; }
+      done
+      read -r steal rps p50 p99 req n2 err note <<< "$best"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "$note" "$steal" >> "$RESULTS"
+      log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms, steal ${steal}%$( ((n2 == 0)) || echo " NON-2XX=$n2")$( ((err == 0)) || echo " sockerr=$err")${note:+ $note}"
       sleep 0.5
     done
   done
@@ -648,6 +691,8 @@ TABLE=$OUT/table.md
       notes=()
       bad=$(col "$name" "$c" 8 | awk '{s += $1} END {print s + 0}'); ((bad == 0)) || notes+=("$bad non-2xx!")
       errs=$(col "$name" "$c" 9 | awk '{s += $1} END {print s + 0}'); ((errs == 0)) || notes+=("$errs socket errors")
+      stolen=$(col "$name" "$c" 11 | awk -v m="$MAX_STEAL" '$1 > m {n++} END {print n + 0}')
+      ((stolen == 0)) || notes+=("$stolen of $REPS runs kept with steal over ${MAX_STEAL}% (no quieter attempt)")
       case $name in
         portcullis-cold)
           notes+=("$(col "$name" "$c" 7 | median | cut -d. -f1) distinct tokens/run (of $TOKENS), each sent once, fresh gateway; merged: $MERGE_REQUESTS requests at c=256 with one new token made $MERGE_VERIFICATIONS verification") ;;
@@ -682,6 +727,8 @@ TABLE=$OUT/table.md
     echo "Bar (cache hit >= 1.00x nginx TLS req/s with p99 no worse; under 64 MiB with 100,000 identities): $(IFS=';'; echo "${bar[*]}" | sed 's/;/; /g')"
     echo
   fi
+  echo "Steal (CPU time the hypervisor gave to other guests) was read from /proc/stat around every run; a run over ${MAX_STEAL}% was repeated up to $STEAL_RETRIES times and the quietest attempt kept (median over kept runs: $(awk -F'\t' 'NR > 1 {print $11}' "$RESULTS" | median)%; results.tsv has each run's)."
+  echo
   echo "Ratios are taken in this run only: for each rep, the case's req/s over nginx's plain TLS proxy's in the same rep at the same c, and the median of those per-rep ratios (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
 } > "$TABLE"
 echo
