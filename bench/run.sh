@@ -130,12 +130,13 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 PC_BIN=$TARGET_DIR/release/portcullis
 STUB_BIN=$TARGET_DIR/release/examples/grafana_stub
 MEM_BIN=$TARGET_DIR/release/examples/cache_memory
+TIMELINE_BIN=$TARGET_DIR/release/examples/latency_timeline
 if [[ "$PEERS_ONLY" != 1 ]]; then
   if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
     command -v cargo >/dev/null || { [[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"; }
     command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) or run with BENCH_PEERS_ONLY=1"
-    log "cargo build --release (portcullis, grafana_stub, cache_memory)"
-    (cd "$ROOT" && cargo build --release --quiet --bin portcullis --example cache_memory) ||
+    log "cargo build --release (portcullis, grafana_stub, cache_memory, latency_timeline)"
+    (cd "$ROOT" && cargo build --release --quiet --bin portcullis --example cache_memory --example latency_timeline) ||
       die "cargo build of portcullis failed"
     (cd "$ROOT" && { cargo build --release --quiet --example grafana_stub 2>/dev/null ||
                      cargo build --release --quiet -p grafana-stub --example grafana_stub; }) ||
@@ -144,6 +145,7 @@ if [[ "$PEERS_ONLY" != 1 ]]; then
   [[ -x "$PC_BIN" ]] || die "$PC_BIN missing"
   [[ -x "$STUB_BIN" ]] || die "$STUB_BIN missing"
   [[ -x "$MEM_BIN" ]] || die "$MEM_BIN missing"
+  [[ -x "$TIMELINE_BIN" ]] || die "$TIMELINE_BIN missing"
 fi
 
 # ----------------------------------------------------------- out directory --
@@ -533,6 +535,19 @@ run_wrk() {  # run_wrk CASE C DURATION OUTFILE
     "${HDR[@]}" "${SCRIPT[@]}" "$URL" "${sargs[@]}" > "$out" 2>&1 || true
 }
 
+# The same closed loop from latency_timeline (tokio + rustls), which keeps each
+# request's start: "after 1 s" leaves out the connection storm every run
+# starts with (all c handshakes at once), which wrk's summary cannot.
+run_timeline() {  # run_timeline CASE C DURATION OUTFILE
+  local name=$1 c=$2 d=$3 out=$4
+  case_target "$name"
+  taskset -c "$CLIENT_CPU" "$TIMELINE_BIN" "$URL" -c "$c" -d "$d" -b 1s "${HDR[@]}" > "$out" 2>&1 || true
+}
+parse_timeline() {  # -> rps p50_ms p99_ms requests non2xx(0: any other answer fails the connection) errors
+  awk '$1 == "after" { req = $4; rps = $5; p50 = $6; p99 = $7 } /failed/ { err++ }
+    END { printf "%s %.3f %.3f %d 0 %d\n", (rps == "" ? 0 : rps), p50, p99, req, err }' "$1"
+}
+
 # Sanity: every case answers 200 with its credential, and 401 without it.
 log "sanity checks (200 with the credential, 401 without)"
 SANITY_FAILED=()
@@ -608,6 +623,28 @@ fi
   [[ "$PEERS_ONLY" == 1 ]] || echo "portcullis: $PC_BIN ($(stat -c %y "$PC_BIN"))"
 } > "$OUT/meta.txt"
 
+# measure CASE C OUT RUNNER PARSER: one measured run, repeated while the
+# hypervisor steals more than MAX_STEAL; the quietest attempt's figures are
+# left in steal rps p50 p99 req n2 err note, and its output in OUT.
+measure() {
+  local name=$1 c=$2 out=$3 runner=$4 parser=$5 attempt best="" s0
+  for ((attempt = 1; attempt <= 1 + STEAL_RETRIES; attempt++)); do
+    pre_run "$name"
+    s0=$(steal_snapshot)
+    "$runner" "$name" "$c" "$DURATION" "$out.try$attempt"
+    steal=$(steal_pct "$s0" "$(steal_snapshot)")
+    if [[ "$name" == *-h2 ]]; then read -r rps p50 p99 req n2 err < <(parse_h2load "$out.try$attempt")
+    else read -r rps p50 p99 req n2 err < <("$parser" "$out.try$attempt"); fi
+    post_run "$name" "$req" "$out.try$attempt"
+    if [[ -z "$best" ]] || awk -v a="$steal" -v b="${best%% *}" 'BEGIN { exit !(a < b) }'; then
+      best="$steal $rps $p50 $p99 $req $n2 $err $POST_NOTE"; cp "$out.try$attempt" "$out"
+    fi
+    awk -v a="$steal" -v m="$MAX_STEAL" 'BEGIN { exit !(a <= m) }' && break
+    ((attempt > STEAL_RETRIES)) || { log "  $name c=$c: the hypervisor took ${steal}% of the two cores during the run (over ${MAX_STEAL}%): again"; sleep 3; }
+  done
+  read -r steal rps p50 p99 req n2 err note <<< "$best"
+}
+
 RUN_SEQ=0
 # Warm-up: once per long-lived case (Caddy's bcrypt cache, the gateway's L1, TLS session caches).
 log "warm-up ($WARMUP per case)"
@@ -630,29 +667,34 @@ for ((rep = 1; rep <= REPS; rep++)); do
   for c in $CONNS; do
     for name in "${RUN_CASES[@]}"; do
       RUN_SEQ=$((RUN_SEQ + 1))
-      out=$RAW/$name.c$c.r$rep.txt
-      best=""
-      for ((attempt = 1; attempt <= 1 + STEAL_RETRIES; attempt++)); do
-        pre_run "$name"
-        steal0=$(steal_snapshot)
-        run_wrk "$name" "$c" "$DURATION" "$out.try$attempt"
-        steal=$(steal_pct "$steal0" "$(steal_snapshot)")
-        if [[ "$name" == *-h2 ]]; then read -r rps p50 p99 req n2 err < <(parse_h2load "$out.try$attempt")
-        else read -r rps p50 p99 req n2 err < <(parse_wrk "$out.try$attempt"); fi
-        post_run "$name" "$req" "$out.try$attempt"
-        if [[ -z "$best" ]] || awk -v a="$steal" -v b="${best%% *}" 'BEGIN { exit !(a < b) }'; then
-          best="$steal $rps $p50 $p99 $req $n2 $err $POST_NOTE"; cp "$out.try$attempt" "$out"
-        fi
-        awk -v a="$steal" -v m="$MAX_STEAL" 'BEGIN { exit !(a <= m) }' && break
-        ((attempt > STEAL_RETRIES)) || { log "  $name c=$c: the hypervisor took ${steal}% of the two cores during the run (over ${MAX_STEAL}%): again"; sleep 3; }
-      done
-      read -r steal rps p50 p99 req n2 err note <<< "$best"
+      measure "$name" "$c" "$RAW/$name.c$c.r$rep.txt" run_wrk parse_wrk
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "$note" "$steal" >> "$RESULTS"
       log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms, steal ${steal}%$( ((n2 == 0)) || echo " NON-2XX=$n2")$( ((err == 0)) || echo " sockerr=$err")${note:+ $note}"
       sleep 0.5
     done
   done
 done
+
+# Steady state: the baseline and the bar's cases again, with latency_timeline.
+STEADY=$OUT/steady.tsv
+head -1 "$RESULTS" > "$STEADY"
+STEADY_CASES=()
+for name in nginx-tls portcullis-bearer portcullis-basic; do
+  [[ " ${CASES[*]} " == *" $name "* ]] && STEADY_CASES+=("$name")
+done
+if ((${#STEADY_CASES[@]} > 1)); then
+  log "steady state: ${STEADY_CASES[*]} with latency_timeline, $REPS reps interleaved"
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $CONNS; do
+      for name in "${STEADY_CASES[@]}"; do
+        measure "$name" "$c" "$RAW/steady-$name.c$c.r$rep.txt" run_timeline parse_timeline
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "" "$steal" >> "$STEADY"
+        log "  steady rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms after the first second, steal ${steal}%$( ((err == 0)) || echo " failed connections=$err")"
+        sleep 0.5
+      done
+    done
+  done
+fi
 
 [[ -z "${PID_OF[pc-mem]:-}" ]] || MEM_HELD=$(mem_entries)
 # Peak RSS of the long-lived processes, read before they stop.
@@ -664,13 +706,13 @@ done
 
 # ---------------------------------------------------------------- summary --
 median() { sort -g | awk '{a[NR] = $1} END { if (NR == 0) { print 0; exit } if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-col() { awk -F'\t' -v n="$1" -v c="$2" -v k="$3" 'NR > 1 && $1 == n && $2 == c {print $k}' "$RESULTS"; }
+col() { awk -F'\t' -v n="$1" -v c="$2" -v k="$3" 'NR > 1 && $1 == n && $2 == c {print $k}' "${TSV:-$RESULTS}"; }
 # Median over reps of NAME's req/s divided by BASE's in the same rep: the runs
 # of one rep are minutes apart at most, so drift on a shared host cancels.
 paired_ratio() {
   awk -F'\t' -v n="$1" -v c="$2" -v b="$3" 'NR > 1 && $2 == c && $1 == n {x[$3] = $4}
     NR > 1 && $2 == c && $1 == b {y[$3] = $4}
-    END {for (r in x) if (y[r] > 0) print x[r] / y[r]}' "$RESULTS" | median
+    END {for (r in x) if (y[r] > 0) print x[r] / y[r]}' "${TSV:-$RESULTS}" | median
 }
 fmt_rps() { awk -v r="$1" 'BEGIN { if (r >= 1000) printf "%.1fk", r / 1000; else printf "%.0f", r }'; }
 fmt_ms() { awk -v m="$1" 'BEGIN { if (m >= 100) printf "%.0f", m; else if (m >= 10) printf "%.1f", m; else printf "%.2f", m }'; }
@@ -710,16 +752,35 @@ TABLE=$OUT/table.md
     done
   done
   echo
-  # The issue's bar, read off the rows above.
-  bar=()
-  for c in $CONNS; do
-    for name in portcullis-bearer portcullis-basic; do
-      [[ " ${CASES[*]} " == *" $name "* ]] || continue
-      r=$(paired_ratio "$name" "$c" nginx-tls); p=$(col "$name" "$c" 6 | median); pb=$(col nginx-tls "$c" 6 | median)
-      verdict=$(awk -v r="$r" -v p="$p" -v pb="$pb" 'BEGIN { print (r >= 1 && p <= pb) ? "met" : "NOT met" }')
-      bar+=("${name#portcullis-} c=$c: $(printf '%.2f' "$r")x, p99 $(fmt_ms "$p") vs $(fmt_ms "$pb") ms: $verdict")
+  if ((${#STEADY_CASES[@]} > 1)); then
+    echo "Steady state: the same cases with latency_timeline (the repo's tokio + rustls closed loop, c connections, same pinning and steal rule), counting only requests started after each run's first second, when every connection's handshake is done:"
+    echo
+    echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS |"
+    echo "|---|---:|---|---:|---:|---:|"
+    for c in $CONNS; do
+      for name in "${STEADY_CASES[@]}"; do
+        rps=$(TSV=$STEADY col "$name" "$c" 4 | median); mn=$(TSV=$STEADY col "$name" "$c" 4 | sort -g | head -1); mx=$(TSV=$STEADY col "$name" "$c" 4 | sort -g | tail -1)
+        ratio=$(TSV=$STEADY paired_ratio "$name" "$c" nginx-tls | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
+        echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $(fmt_ms "$(TSV=$STEADY col "$name" "$c" 5 | median)") | $(fmt_ms "$(TSV=$STEADY col "$name" "$c" 6 | median)") | $ratio |"
+      done
     done
-  done
+    echo
+  fi
+  # The issue's bar, read off the rows above.
+  bar_items() {  # bar_items LABEL: the bar's cache-hit items from ${TSV:-$RESULTS}
+    local c name r p pb verdict
+    for c in $CONNS; do
+      for name in portcullis-bearer portcullis-basic; do
+        [[ " ${CASES[*]} " == *" $name "* ]] || continue
+        r=$(paired_ratio "$name" "$c" nginx-tls); p=$(col "$name" "$c" 6 | median); pb=$(col nginx-tls "$c" 6 | median)
+        verdict=$(awk -v r="$r" -v p="$p" -v pb="$pb" 'BEGIN { print (r >= 1 && p <= pb) ? "met" : "NOT met" }')
+        bar+=("$1${name#portcullis-} c=$c: $(printf '%.2f' "$r")x, p99 $(fmt_ms "$p") vs $(fmt_ms "$pb") ms: $verdict")
+      done
+    done
+  }
+  bar=()
+  bar_items "wrk "
+  ((${#STEADY_CASES[@]} < 2)) || TSV=$STEADY bar_items "steady "
   if [[ -n "${RSS_KIB[portcullis-mem]:-}" ]]; then
     bar+=("memory: $(awk -v k="${RSS_KIB[portcullis-mem]}" 'BEGIN { printf "%.1f", k / 1024 }') MiB peak with ${MEM_HELD:-?} identities: $(awk -v k="${RSS_KIB[portcullis-mem]}" 'BEGIN { print (k < 65536) ? "met" : "NOT met" }')")
   fi

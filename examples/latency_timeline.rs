@@ -82,8 +82,12 @@ fn duration(text: &str) -> Result<Duration, String> {
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut url = None;
-    let (mut connections, mut dur, mut bucket, mut headers) =
-        (64, Duration::from_secs(10), Duration::from_millis(250), Vec::new());
+    let (mut connections, mut dur, mut bucket, mut headers) = (
+        64,
+        Duration::from_secs(10),
+        Duration::from_millis(250),
+        Vec::new(),
+    );
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
@@ -98,14 +102,19 @@ fn parse_args() -> Result<Args, String> {
     if connections == 0 || dur.is_zero() || bucket.is_zero() {
         return Err("-c, -d and -b must be above zero".into());
     }
-    let url = url.ok_or("usage: latency_timeline https://host:port/path [-c N] [-d 10s] [-b 250ms] [-H 'K: V']")?;
+    let url =
+        url.ok_or("usage: latency_timeline https://host:port/path [-c N] [-d 10s] [-b 250ms] [-H 'K: V']")?;
     let rest = url.strip_prefix("https://").ok_or("only https:// URLs")?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "443"));
     Ok(Args {
         host: host.to_owned(),
         port: port.parse().map_err(|_| format!("bad port in {url}"))?,
-        path: if path.is_empty() { "/".to_owned() } else { path.to_owned() },
+        path: if path.is_empty() {
+            "/".to_owned()
+        } else {
+            path.to_owned()
+        },
         connections,
         duration: dur,
         bucket,
@@ -122,7 +131,9 @@ async fn connection(
     request: Arc<Vec<u8>>,
     began: Instant,
 ) -> Result<Vec<Sample>, String> {
-    let tcp = TcpStream::connect((args.host.as_str(), args.port)).await.map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect((args.host.as_str(), args.port))
+        .await
+        .map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let name = ServerName::try_from(args.host.clone()).map_err(|e| e.to_string())?;
     let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
@@ -165,7 +176,8 @@ fn response_complete(buf: &[u8]) -> Result<bool, String> {
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
         })
         .ok_or("no Content-Length")?;
     Ok(buf.len() >= end + 4 + length)
@@ -210,7 +222,10 @@ fn run() -> Result<(), String> {
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
     let connector = TlsConnector::from(Arc::new(config));
-    let mut head = format!("GET {} HTTP/1.1\r\nHost: {}:{}\r\n", args.path, args.host, args.port);
+    let mut head = format!(
+        "GET {} HTTP/1.1\r\nHost: {}:{}\r\n",
+        args.path, args.host, args.port
+    );
     for h in &args.headers {
         head.push_str(h);
         head.push_str("\r\n");
@@ -224,7 +239,14 @@ fn run() -> Result<(), String> {
     let samples: Vec<Sample> = runtime.block_on(async {
         let began = Instant::now();
         let tasks: Vec<_> = (0..args.connections)
-            .map(|_| tokio::spawn(connection(args.clone(), connector.clone(), request.clone(), began)))
+            .map(|_| {
+                tokio::spawn(connection(
+                    args.clone(),
+                    connector.clone(),
+                    request.clone(),
+                    began,
+                ))
+            })
             .collect();
         let mut all = Vec::new();
         for task in tasks {
@@ -250,7 +272,12 @@ fn run() -> Result<(), String> {
     );
     let per_bucket = args.bucket.as_secs_f64();
     for (i, lat) in by_bucket.iter_mut().enumerate() {
-        summary(&mut out, &format!("{}", i as u64 * bucket / 1000), lat, per_bucket);
+        summary(
+            &mut out,
+            &format!("{}", i as u64 * bucket / 1000),
+            lat,
+            per_bucket,
+        );
     }
     let secs = args.duration.as_secs_f64();
     let mut all: Vec<u64> = samples.iter().map(|s| s.1).collect();
