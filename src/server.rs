@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
@@ -132,7 +132,7 @@ impl TlsServer {
         }
     }
 
-    async fn connection(&self, tcp: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+    async fn connection(&self, tcp: TcpStream, peer: SocketAddr, mut shutdown: Shutdown) {
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
@@ -163,13 +163,9 @@ impl TlsServer {
             }
         });
         let mut conn = pin!(self.http.serve_connection_with_upgrades(io, service));
-        // The time-outs and the shutdown signal live in a watchdog task of
-        // their own. Polled here, two timers and a watch receiver were polled
-        // again on every wake of this task (every read and write): about 2 %
-        // of the CPU at 256 connections. A oneshot receiver is one atomic load.
-        let (order, mut orders) = oneshot::channel();
-        let watchdog = tokio::spawn(watchdog(activity, self.limits.watchdog(), shutdown, order));
         let mut closing = false;
+        let mut first_request = pin!(tokio::time::sleep(self.limits.first_request_timeout));
+        let mut awaiting_first = true;
         loop {
             tokio::select! {
                 // The connection first: it is what wakes this task nearly
@@ -179,80 +175,29 @@ impl TlsServer {
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                    break;
+                    return;
                 }
-                stop = &mut orders, if !closing => match stop {
-                    Ok(Stop::Abandon) => {
+                // A guard is read when `select!` starts, not when the timer
+                // fires: check again, or a busy connection is cut mid-request.
+                _ = first_request.as_mut(), if awaiting_first && !closing => {
+                    awaiting_first = false;
+                    if !activity.any_request() {
                         tracing::debug!(%peer, "no request head in time; closing");
-                        break;
+                        return;
                     }
-                    Ok(Stop::Idle) => {
-                        tracing::debug!(%peer, "closing idle connection");
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    // The watchdog only ends early on shutdown (it then
-                    // sends Graceful); a lost watchdog must not cut requests.
-                    Ok(Stop::Graceful) | Err(_) => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                },
+                }
+                _ = shutdown.wait(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = activity.idle_for(self.limits.idle_timeout), if !closing => {
+                    tracing::debug!(%peer, "closing idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
         }
-        watchdog.abort();
     }
-}
-
-/// The connection limits the watchdog enforces.
-#[derive(Clone, Copy)]
-struct WatchdogLimits {
-    first_request: Duration,
-    idle: Duration,
-}
-
-impl Limits {
-    fn watchdog(&self) -> WatchdogLimits {
-        WatchdogLimits {
-            first_request: self.first_request_timeout,
-            idle: self.idle_timeout,
-        }
-    }
-}
-
-/// What the watchdog tells its connection to do.
-#[derive(Debug)]
-enum Stop {
-    /// No request head arrived in time: drop the connection.
-    Abandon,
-    /// Idle too long: finish what is in flight and close.
-    Idle,
-    /// The gateway is shutting down: finish what is in flight and close.
-    Graceful,
-}
-
-/// Watches one connection: the first-request deadline, idleness and the
-/// gateway's shutdown. Ends with the first order it sends, or when the
-/// connection is gone.
-async fn watchdog(
-    activity: Arc<Activity>,
-    limits: WatchdogLimits,
-    mut shutdown: Shutdown,
-    order: oneshot::Sender<Stop>,
-) {
-    let first_request = async {
-        tokio::time::sleep(limits.first_request).await;
-        if activity.any_request() {
-            // Never resolves: the connection is in use, idleness decides.
-            std::future::pending::<()>().await;
-        }
-    };
-    let stop = tokio::select! {
-        _ = first_request => Stop::Abandon,
-        _ = activity.idle_for(limits.idle) => Stop::Idle,
-        _ = shutdown.wait() => Stop::Graceful,
-    };
-    let _ = order.send(stop);
 }
 
 /// I/O seen on a connection and requests being handled on it. Reads and
