@@ -310,7 +310,10 @@ impl Gateway {
         peer: &Peer,
         outcomes: &mut Outcomes,
     ) -> Result<Response<Body>, Refusal> {
-        let path = normalise(request.uri().path())?;
+        // A clone of the target (reference counts, no copy) lets the
+        // normalised path borrow it while the request is rewritten.
+        let target = request.uri().clone();
+        let path = normalise(target.path())?;
         let host_value = request.headers().get(header::HOST).cloned().or_else(|| {
             request
                 .uri()

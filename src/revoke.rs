@@ -23,7 +23,18 @@ pub fn revocation_for(method: &Method, path: &str, caller: Option<&Identity>) ->
         .strip_prefix("/graph")
         .filter(|p| p.starts_with('/'))
         .unwrap_or(path);
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Asked after every successful request: the segments go on the stack.
+    // No pattern below is longer than five, so a longer path matches none.
+    let mut parts = [""; 6];
+    let mut len = 0;
+    for part in path.trim_matches('/').split('/') {
+        let Some(slot) = parts.get_mut(len) else {
+            return Vec::new();
+        };
+        *slot = part;
+        len += 1;
+    }
+    let segments = &parts[..len];
     let id = |s: &str| s.parse::<i64>().ok();
     let user = |s: &str| {
         id(s).map(|id| {
@@ -43,7 +54,7 @@ pub fn revocation_for(method: &Method, path: &str, caller: Option<&Identity>) ->
     };
     let caller_principal = || caller.map(|c| Revocation::Principal(c.principal));
     let m = method.as_str();
-    let found: Option<Revocation> = match (m, segments.as_slice()) {
+    let found: Option<Revocation> = match (m, segments) {
         // Keys: Grafana's key id is never told to us at verification time.
         ("DELETE", ["api", "auth", "keys", _]) => {
             return vec![
@@ -112,5 +123,13 @@ mod tests {
         );
         assert!(revocation_for(&Method::GET, "/api/serviceaccounts/7", None).is_empty());
         assert!(revocation_for(&Method::DELETE, "/api/serviceaccounts/x", None).is_empty());
+        assert!(revocation_for(&Method::DELETE, "/api/serviceaccounts/7/tokens/3/x/y", None).is_empty());
+        assert_eq!(
+            revocation_for(&Method::DELETE, "/graph/api/orgs/1/users/9/", None),
+            vec![Revocation::Principal(Principal {
+                kind: PrincipalKind::User,
+                id: 9
+            })]
+        );
     }
 }

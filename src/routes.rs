@@ -4,6 +4,7 @@
 //! spelling is what the upstream receives: whatever the gateway decided about a
 //! path is what the upstream acts on, so no encoding trick can split the two.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Method;
@@ -22,11 +23,12 @@ pub enum PathError {
 }
 
 /// A path that is percent-decoded, free of dot-segments and repeated slashes.
-/// `decoded` is used for matching; `encoded` is what is sent upstream.
+/// `decoded` is used for matching; `encoded` is what is sent upstream. A path
+/// that needs no change (nearly every one) is borrowed, not copied twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NormalPath {
-    pub decoded: String,
-    pub encoded: String,
+pub struct NormalPath<'a> {
+    pub decoded: Cow<'a, str>,
+    pub encoded: Cow<'a, str>,
 }
 
 /// Characters that must stay escaped in a path sent upstream after decoding.
@@ -45,7 +47,7 @@ const PATH_ESCAPE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'^')
     .add(b'|');
 
-pub fn normalise(raw_path: &str) -> Result<NormalPath, PathError> {
+pub fn normalise(raw_path: &str) -> Result<NormalPath<'_>, PathError> {
     if !raw_path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
@@ -58,8 +60,8 @@ pub fn normalise(raw_path: &str) -> Result<NormalPath, PathError> {
             .any(|b| b.is_ascii_control() || b == b'\\' || b >= 0x80);
     if clean {
         return Ok(NormalPath {
-            decoded: raw_path.to_owned(),
-            encoded: raw_path.to_owned(),
+            decoded: Cow::Borrowed(raw_path),
+            encoded: Cow::Borrowed(raw_path),
         });
     }
     let bytes = decode_percent(raw_path.as_bytes())?;
@@ -96,7 +98,10 @@ pub fn normalise(raw_path: &str) -> Result<NormalPath, PathError> {
         }
         encoded.extend(percent_encoding::utf8_percent_encode(s, PATH_ESCAPE));
     }
-    Ok(NormalPath { decoded, encoded })
+    Ok(NormalPath {
+        decoded: Cow::Owned(decoded),
+        encoded: Cow::Owned(encoded),
+    })
 }
 
 fn decode_percent(input: &[u8]) -> Result<Vec<u8>, PathError> {
@@ -144,7 +149,10 @@ impl Route {
             None => None,
         };
         Ok(Route {
-            prefix: normalise(&c.prefix).map_err(|e| e.to_string())?.decoded,
+            prefix: normalise(&c.prefix)
+                .map_err(|e| e.to_string())?
+                .decoded
+                .into_owned(),
             method,
             host: c.host.as_ref().map(|h| h.to_ascii_lowercase()),
             min_role: c.min_role,
@@ -341,7 +349,7 @@ mod tests {
     use super::*;
 
     fn n(p: &str) -> String {
-        normalise(p).unwrap().decoded
+        normalise(p).unwrap().decoded.into_owned()
     }
 
     #[test]

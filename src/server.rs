@@ -2,14 +2,17 @@
 //! HTTP/1.1 + HTTP/2 via hyper-util, graceful shutdown.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -164,8 +167,15 @@ impl TlsServer {
         });
         let mut conn = pin!(self.http.serve_connection_with_upgrades(io, service));
         let mut closing = false;
-        let mut first_request = pin!(tokio::time::sleep(self.limits.first_request_timeout));
         let mut awaiting_first = true;
+        // Each of these fires once at most, while the connection wakes this
+        // task about twice per request: gated, they are polled only after
+        // their own waker fired.
+        let first_request = pin!(tokio::time::sleep(self.limits.first_request_timeout));
+        let stop = pin!(shutdown.wait());
+        let idle = pin!(activity.idle_for(self.limits.idle_timeout));
+        let (mut first_request, mut stop, mut idle) =
+            (Gated::new(first_request), Gated::new(stop), Gated::new(idle));
         loop {
             tokio::select! {
                 // The connection first: it is what wakes this task nearly
@@ -179,24 +189,78 @@ impl TlsServer {
                 }
                 // A guard is read when `select!` starts, not when the timer
                 // fires: check again, or a busy connection is cut mid-request.
-                _ = first_request.as_mut(), if awaiting_first && !closing => {
+                _ = &mut first_request, if awaiting_first && !closing => {
                     awaiting_first = false;
                     if !activity.any_request() {
                         tracing::debug!(%peer, "no request head in time; closing");
                         return;
                     }
                 }
-                _ = shutdown.wait(), if !closing => {
+                _ = &mut stop, if !closing => {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                _ = activity.idle_for(self.limits.idle_timeout), if !closing => {
+                _ = &mut idle, if !closing => {
                     tracing::debug!(%peer, "closing idle connection");
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
             }
         }
+    }
+}
+
+/// A future polled only once its own waker has fired (and on its first
+/// poll). Polling a timer or a watch that has not fired still costs its
+/// registration checks, and `select!` polls every branch on every wake.
+struct Gated<F> {
+    inner: F,
+    signal: Arc<Signal>,
+    waker: Waker,
+}
+
+/// Set by the inner future's waker, which then wakes the task that polled.
+struct Signal {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future + Unpin> Gated<F> {
+    fn new(inner: F) -> Gated<F> {
+        let signal = Arc::new(Signal {
+            fired: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Gated {
+            inner,
+            waker: Waker::from(signal.clone()),
+            signal,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // Registered before the flag is read: a wake in between is not lost.
+        self.signal.task.register(cx.waker());
+        if !self.signal.fired.swap(false, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner.poll_unpin(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -313,5 +377,44 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts how often the inner future is polled.
+    struct Counted<F> {
+        inner: F,
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl<F: Future + Unpin> Future for Counted<F> {
+        type Output = F::Output;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            self.inner.poll_unpin(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn gated_future_is_polled_only_after_its_own_wake() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let timer = pin!(tokio::time::sleep(Duration::from_millis(50)));
+        let mut gated = Gated::new(Counted {
+            inner: timer,
+            polls: polls.clone(),
+        });
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        // The task woke for something else: the timer is not asked again.
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        // Its own wake (the timer firing) lets the poll through.
+        (&mut gated).await;
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 }

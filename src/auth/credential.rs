@@ -232,21 +232,26 @@ fn parse_token(token: &str, from_service_token_basic: bool) -> Result<Credential
 }
 
 /// `glsa_<32 alphanumerics>_<crc32-ieee("glsa_"+secret) as 4 LE bytes, hex>`.
+/// Checked on every request, so by position and without allocating: the
+/// checksum's hex is decoded and compared as a number.
 pub fn service_token_is_well_formed(token: &str) -> bool {
-    let mut parts = token.split('_');
-    let (Some("glsa"), Some(secret), Some(checksum), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    const PREFIX: &[u8] = b"glsa_";
+    const SECRET: usize = 32;
+    let bytes = token.as_bytes();
+    if bytes.len() != PREFIX.len() + SECRET + 1 + 8 || !bytes.starts_with(PREFIX) {
         return false;
-    };
-    if secret.len() != 32 || !secret.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    }
+    let secret = &bytes[PREFIX.len()..PREFIX.len() + SECRET];
+    if !secret.iter().all(u8::is_ascii_alphanumeric) || bytes[PREFIX.len() + SECRET] != b'_' {
+        return false;
+    }
+    let mut written = [0u8; 4];
+    if hex::decode_to_slice(&bytes[PREFIX.len() + SECRET + 1..], &mut written).is_err() {
         return false;
     }
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(b"glsa_");
-    hasher.update(secret.as_bytes());
-    let expected = hex::encode(hasher.finalize().to_le_bytes());
-    checksum.len() == 8 && checksum.eq_ignore_ascii_case(&expected)
+    hasher.update(&bytes[..PREFIX.len() + SECRET]);
+    u32::from_le_bytes(written) == hasher.finalize()
 }
 
 #[derive(Deserialize)]
@@ -305,6 +310,20 @@ mod tests {
             "glsa_iNValIdinValiDinvalidinvalidinva_5b582697_x"
         ));
         assert!(!service_token_is_well_formed("glsa_short_5b582697"));
+        // The checksum's hex is read in either case, as before.
+        assert!(service_token_is_well_formed(
+            "glsa_iNValIdinValiDinvalidinvalidinva_5B582697"
+        ));
+        for bad in [
+            "glsa_iNValIdinValiDinvalidinvalidinva_5b58269g",
+            "glsa_iNValIdinValiDinvalidinvalidinva-5b582697",
+            "glsa_iNValIdinValiDinvalidinvalidin-a_5b582697",
+            "glsb_iNValIdinValiDinvalidinvalidinva_5b582697",
+            "glsa_iNValIdinValiDinvalidinvalidinva_5b58269",
+            "glsa_iNValIdinValiDinvalidinvalidinvaé5b58269",
+        ] {
+            assert!(!service_token_is_well_formed(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -627,6 +627,69 @@ async fn slow_loris_connections_are_closed_while_others_are_served() {
     }
 }
 
+/// A kept-alive connection that goes quiet after a request is closed once
+/// `idle_timeout` has passed; one that keeps sending is not.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_and_busy_ones_kept() {
+    let up = upstream::start().await;
+    let (mut config, dir) = passthrough(&up.url);
+    config.server.idle_timeout = Duration::from_secs(1);
+    let gw = support::start(config, dir).await;
+    let addr = gw.running().addr;
+    let request = b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+    async fn one_response(tls: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), request: &[u8]) {
+        tls.write_all(request).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The echo answers with a Content-Length: read until the head and
+        // that many body bytes are in.
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+                .await
+                .expect("a response in time")
+                .expect("read");
+            assert!(
+                n > 0,
+                "closed before the response: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .expect("content-length");
+                if seen.len() >= end + 4 + length {
+                    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+                    return;
+                }
+            }
+        }
+    }
+
+    let mut quiet = raw::tls_connect(addr, &[b"http/1.1"]).await;
+    one_response(&mut quiet, request).await;
+    let mut busy = raw::tls_connect(addr, &[b"http/1.1"]).await;
+    let started = Instant::now();
+    // Three times the limit, a request every 250 ms on the busy one.
+    while started.elapsed() < Duration::from_secs(3) {
+        one_response(&mut busy, request).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), quiet.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the quiet connection is still open");
+    one_response(&mut busy, request).await;
+}
+
 #[tokio::test]
 async fn upstream_down_is_502_with_json_and_not_ready() {
     let url = closed_port_url().await;
