@@ -370,6 +370,9 @@ impl Gateway {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
+        // Room for the three forwarding and five identity headers at once:
+        // a map sized for the client's few headers would otherwise grow twice.
+        headers.reserve(8);
         proxy::strip_hop_by_hop(headers, upgrade);
         proxy::set_forwarded(headers, peer, host_value.as_ref());
         if host_value.is_some() && !headers.contains_key(header::HOST) {

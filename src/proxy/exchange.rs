@@ -13,7 +13,7 @@ use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -23,6 +23,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
 
 use super::has_token;
 use crate::config::UpstreamConfig;
@@ -46,6 +47,8 @@ pub enum ExchangeError {
     Io(#[from] io::Error),
     #[error("upstream closed the connection before answering")]
     Closed,
+    #[error("no answer from the upstream within the response time-out")]
+    ResponseTimeout,
     #[error("upstream sent a malformed response: {0}")]
     Malformed(&'static str),
 }
@@ -102,6 +105,7 @@ pub struct HostPool {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    response_timeout: Duration,
 }
 
 struct Idle {
@@ -115,6 +119,11 @@ struct Conn {
     read: BytesMut,
     write: Vec<u8>,
     reused: bool,
+    /// Bounds each wait for an answer. Kept with the connection and moved
+    /// later for every request: extending a registered timer is one atomic
+    /// operation, where a fresh `timeout()` per request registered and
+    /// removed a timer each time (about 1,100 instructions, callgrind).
+    deadline: Pin<Box<Sleep>>,
 }
 
 impl HostPool {
@@ -128,6 +137,7 @@ impl HostPool {
             max_idle: config.pool_max_idle_per_host,
             idle_timeout: config.pool_idle_timeout,
             connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
         }
     }
 
@@ -187,6 +197,7 @@ impl HostPool {
             read: BytesMut::with_capacity(READ_RESERVE),
             write: Vec::with_capacity(1024),
             reused: false,
+            deadline: Box::pin(tokio::time::sleep(self.response_timeout)),
         })
     }
 
@@ -213,19 +224,28 @@ impl HostPool {
         }
     }
 
-    /// Sends the head of `request` and reads the answer's head. A reused
-    /// connection the upstream closed while it sat idle fails before any
-    /// byte of an answer: that request is sent once more on a new one.
+    /// Sends the head of `request` and reads the answer's head, within the
+    /// response time-out counted from now. A reused connection the upstream
+    /// closed while it sat idle fails before any byte of an answer: that
+    /// request is sent once more on a new one.
     pub async fn exchange<B>(
         self: &Arc<Self>,
         request: &Request<B>,
     ) -> Result<Response<Exchanged>, ExchangeError> {
-        let conn = self.checkout().await?;
-        match self.round_trip(conn, request).await {
+        let deadline = Instant::now() + self.response_timeout;
+        let conn = match self.take_idle() {
+            Some(conn) => conn,
+            // Only a request that has to wait for a connection needs a timer
+            // of its own before it has one.
+            None => within(deadline, Box::pin(self.checkout())).await?,
+        };
+        match self.round_trip(conn, request, deadline).await {
             Err((e, true)) => {
                 tracing::debug!(error = %e, "idle upstream connection was closed; retrying on a new one");
-                let conn = Box::pin(self.connect()).await?;
-                Box::pin(self.round_trip(conn, request)).await.map_err(|(e, _)| e)
+                let conn = within(deadline, Box::pin(self.connect())).await?;
+                Box::pin(self.round_trip(conn, request, deadline))
+                    .await
+                    .map_err(|(e, _)| e)
             }
             other => other.map_err(|(e, _)| e),
         }
@@ -236,33 +256,22 @@ impl HostPool {
         self: &Arc<Self>,
         mut conn: Conn,
         request: &Request<B>,
+        deadline: Instant,
     ) -> Result<Response<Exchanged>, (ExchangeError, bool)> {
         write_head(&mut conn.write, request, &self.authority);
-        let may_retry = conn.reused;
-        if let Err(e) = conn.stream.write_all(&conn.write).await {
-            return Err((e.into(), may_retry));
-        }
-        let head = loop {
-            if !conn.read.is_empty() {
-                match parse_head(&mut conn.read) {
-                    Ok(Some(head)) if head.status.is_informational() => continue,
-                    Ok(Some(head)) => break head,
-                    Ok(None) => {}
-                    Err(e) => return Err((e, false)),
-                }
-            }
-            conn.read.reserve(READ_RESERVE);
-            match conn.stream.read_buf(&mut conn.read).await {
-                Ok(0) if conn.read.is_empty() => return Err((ExchangeError::Closed, may_retry)),
-                Ok(0) => {
-                    return Err((
-                        ExchangeError::Malformed("connection closed inside the head"),
-                        false,
-                    ))
-                }
-                Ok(_) => {}
-                Err(e) => return Err((e.into(), may_retry && conn.read.is_empty())),
-            }
+        conn.deadline.as_mut().reset(deadline);
+        let Conn {
+            stream,
+            read,
+            write,
+            reused,
+            deadline: timer,
+        } = &mut conn;
+        let may_retry = *reused;
+        let head = tokio::select! {
+            biased;
+            head = send_and_read_head(stream, write, read, may_retry) => head?,
+            () = timer.as_mut() => return Err((ExchangeError::ResponseTimeout, false)),
         };
         self.respond(conn, head, request.method() == Method::HEAD)
             .map_err(|e| (e, false))
@@ -426,6 +435,51 @@ impl StreamedBody {
 /// An idle connection has nothing to say: if the reactor has seen it become
 /// readable, the upstream closed it (or sent stray bytes). Asking the
 /// reactor costs no system call.
+/// Writes the prepared head and reads until a final (non-1xx) answer head is
+/// in. The error comes with whether the request may be sent again.
+async fn send_and_read_head(
+    stream: &mut TcpStream,
+    write: &[u8],
+    read: &mut BytesMut,
+    may_retry: bool,
+) -> Result<Head, (ExchangeError, bool)> {
+    if let Err(e) = stream.write_all(write).await {
+        return Err((e.into(), may_retry));
+    }
+    loop {
+        if !read.is_empty() {
+            match parse_head(read) {
+                Ok(Some(head)) if head.status.is_informational() => continue,
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err((e, false)),
+            }
+        }
+        read.reserve(READ_RESERVE);
+        match stream.read_buf(read).await {
+            Ok(0) if read.is_empty() => return Err((ExchangeError::Closed, may_retry)),
+            Ok(0) => {
+                return Err((
+                    ExchangeError::Malformed("connection closed inside the head"),
+                    false,
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Err((e.into(), may_retry && read.is_empty())),
+        }
+    }
+}
+
+/// `future`, or `ResponseTimeout` once `deadline` has passed.
+async fn within<T>(
+    deadline: Instant,
+    future: impl Future<Output = Result<T, ExchangeError>>,
+) -> Result<T, ExchangeError> {
+    tokio::time::timeout_at(deadline, future)
+        .await
+        .unwrap_or(Err(ExchangeError::ResponseTimeout))
+}
+
 fn looks_open(stream: &TcpStream) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     stream.poll_read_ready(&mut cx).is_pending()

@@ -94,22 +94,37 @@ impl ProxyError {
     }
 }
 
-/// Connection-level headers (RFC 9110 §7.6.1) that must not cross a proxy.
-/// Asked of every header of every request and response: one `match` on the
-/// lower-case name (a length switch, then one comparison) instead of eight
-/// `HeaderName` comparisons.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-    )
+/// Connection-level headers (RFC 9110 §7.6.1) that must not cross a proxy,
+/// `Upgrade` last (an upgrade keeps it).
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+const UPGRADE_BIT: u16 = 1 << 8;
+
+/// The bit of `name` in `HOP_BY_HOP`. Asked of every header of every request
+/// and response: one `match` on the lower-case name (a length switch, then
+/// one comparison) instead of nine `HeaderName` comparisons.
+fn hop_by_hop_bit(name: &HeaderName) -> u16 {
+    match name.as_str() {
+        "connection" => 1,
+        "keep-alive" => 1 << 1,
+        "proxy-connection" => 1 << 2,
+        "proxy-authenticate" => 1 << 3,
+        "proxy-authorization" => 1 << 4,
+        "te" => 1 << 5,
+        "trailer" => 1 << 6,
+        "transfer-encoding" => 1 << 7,
+        "upgrade" => UPGRADE_BIT,
+        _ => 0,
+    }
 }
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -121,29 +136,30 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names present, instead of hashing every name that
     // might be: most messages carry none, or only `Connection: keep-alive`.
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    let mut named_by_connection = false;
-    for name in headers.keys() {
-        if name == header::CONNECTION {
-            named_by_connection = true;
-        }
-        if is_hop_by_hop(name) || (!keep_upgrade && name == header::UPGRADE) {
-            doomed.push(name.clone());
-        }
+    let mut present = headers
+        .keys()
+        .fold(0u16, |bits, name| bits | hop_by_hop_bit(name));
+    if keep_upgrade {
+        present &= !UPGRADE_BIT;
     }
-    if named_by_connection {
-        let named = header_tokens(headers, header::CONNECTION)
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = header_tokens(headers, header::CONNECTION)
             // Options, not header names (keep-alive is hop-by-hop anyway).
             .filter(|token| {
                 !["close", "keep-alive", "upgrade"]
                     .iter()
                     .any(|o| token.eq_ignore_ascii_case(o))
             })
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok());
-        doomed.extend(named);
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in doomed {
-        headers.remove(name);
+    for (bit, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << bit) != 0 {
+            headers.remove(name);
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -277,16 +293,18 @@ impl Forwarder {
     ) -> Result<Response<Body>, ProxyError> {
         if client_upgrade.is_none() {
             if let Some(pool) = self.direct.for_request(&request) {
-                let mut response =
-                    match tokio::time::timeout(self.response_timeout, pool.exchange(&request)).await {
-                        Err(_) => return Err(ProxyError::Timeout),
-                        Ok(Err(ExchangeError::ConnectTimeout)) => return Err(ProxyError::Timeout),
-                        Ok(Err(e @ ExchangeError::Malformed(_))) => {
-                            return Err(ProxyError::InvalidResponse(e.to_string()))
-                        }
-                        Ok(Err(e)) => return Err(ProxyError::Unreachable(e.to_string())),
-                        Ok(Ok(response)) => response,
-                    };
+                // The pool keeps the response time-out itself (a timer per
+                // connection, not one per request).
+                let mut response = match pool.exchange(&request).await {
+                    Err(ExchangeError::ConnectTimeout | ExchangeError::ResponseTimeout) => {
+                        return Err(ProxyError::Timeout)
+                    }
+                    Err(e @ ExchangeError::Malformed(_)) => {
+                        return Err(ProxyError::InvalidResponse(e.to_string()))
+                    }
+                    Err(e) => return Err(ProxyError::Unreachable(e.to_string())),
+                    Ok(response) => response,
+                };
                 strip_hop_by_hop(response.headers_mut(), false);
                 return Ok(response.map(|body| match body {
                     Exchanged::Whole(bytes) => Body::whole(bytes),

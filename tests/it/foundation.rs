@@ -825,6 +825,12 @@ async fn slow_upstream_is_504_with_json() {
     let gw = support::start(config, dir).await;
     let client = support::client();
 
+    // A pooled upstream connection keeps one timer, moved on per request:
+    // a quick answer first, so that the slow one below runs on a connection
+    // whose timer was armed before.
+    let response = client.get(format!("{}/slow?ms=10", gw.url)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+
     let response = client
         .get(format!("{}/slow?ms=20000", gw.url))
         .send()
@@ -842,9 +848,20 @@ async fn slow_upstream_is_504_with_json() {
         "{body}"
     );
 
-    // Quick answers still pass, on the same gateway.
+    // Quick answers still pass, on the same gateway, also after a pause
+    // longer than the time-out (an idle connection's timer has fired by then)
+    // and with answers that, added up, take longer than it.
     let response = client.get(format!("{}/slow?ms=10", gw.url)).send().await.unwrap();
     assert_eq!(response.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..4 {
+        let response = client
+            .get(format!("{}/slow?ms=400", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
 }
 
 #[tokio::test]
