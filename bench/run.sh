@@ -31,6 +31,10 @@
 #   BENCH_HOLD=1            after the sanity checks, print each case's URL and
 #                           credential and keep every server up until Ctrl-C
 #                           (for profiling by hand); no runs, no table
+#   BENCH_CALLGRIND=1       after the sanity checks, count instructions per
+#                           request under valgrind's callgrind for nginx's TLS
+#                           proxy and Portcullis Bearer / Basic (see
+#                           bench/callgrind.sh), write callgrind.md; no wrk table
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -63,6 +67,7 @@ CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 BASE=${BENCH_PORT_BASE:-23000}
 H2=${BENCH_H2:-0}
 HOLD=${BENCH_HOLD:-0}
+CALLGRIND=${BENCH_CALLGRIND:-0}
 MAX_STEAL=${BENCH_MAX_STEAL:-2}
 STEAL_RETRIES=${BENCH_STEAL_RETRIES:-4}
 H2_STREAMS=${BENCH_H2_STREAMS:-10}
@@ -110,8 +115,9 @@ install_missing() {
   local need=() pair cmd pkg
   for pair in nginx:nginx haproxy:haproxy caddy:caddy wrk:wrk h2load:nghttp2-client \
               htpasswd:apache2-utils openssl:openssl curl:curl taskset:util-linux \
-              redis-server:redis-server redis-cli:redis-tools; do
+              redis-server:redis-server redis-cli:redis-tools valgrind:valgrind; do
     cmd=${pair%%:*}; pkg=${pair#*:}
+    if [[ "$cmd" == valgrind && "$CALLGRIND" != 1 ]]; then continue; fi
     if [[ "$cmd" == redis-* && "$PEERS_ONLY" == 1 ]]; then continue; fi
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
   done
@@ -591,6 +597,13 @@ if [[ " ${CASES[*]} " == *" portcullis-mem "* ]]; then
   [[ "$code" == 401 ]] || { log "  portcullis-mem: no credential gave $code, expected 401"; SANITY_FAILED+=(portcullis-mem); }
 fi
 ((${#SANITY_FAILED[@]} == 0)) || die "sanity checks failed: ${SANITY_FAILED[*]}"
+
+if [[ "$CALLGRIND" == 1 ]]; then
+  # shellcheck source=bench/callgrind.sh
+  source "$BENCH_DIR/callgrind.sh"
+  run_callgrind
+  exit 0
+fi
 
 if [[ "$HOLD" == 1 ]]; then
   # For profiling by hand (perf, wrk with other options): everything stays up.

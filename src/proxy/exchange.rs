@@ -432,9 +432,6 @@ impl StreamedBody {
     }
 }
 
-/// An idle connection has nothing to say: if the reactor has seen it become
-/// readable, the upstream closed it (or sent stray bytes). Asking the
-/// reactor costs no system call.
 /// Writes the prepared head and reads until a final (non-1xx) answer head is
 /// in. The error comes with whether the request may be sent again.
 async fn send_and_read_head(
@@ -480,6 +477,9 @@ async fn within<T>(
         .unwrap_or(Err(ExchangeError::ResponseTimeout))
 }
 
+/// An idle connection has nothing to say: if the reactor has seen it become
+/// readable, the upstream closed it (or sent stray bytes). Asking the
+/// reactor costs no system call.
 fn looks_open(stream: &TcpStream) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     stream.poll_read_ready(&mut cx).is_pending()
