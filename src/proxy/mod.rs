@@ -111,7 +111,8 @@ const UPGRADE_BIT: u16 = 1 << 8;
 
 /// The bit of `name` in `HOP_BY_HOP`. Asked of every header of every request
 /// and response: one `match` on the lower-case name (a length switch, then
-/// one comparison) instead of nine `HeaderName` comparisons.
+/// one comparison). Searching the table instead cost 1.2k more instructions
+/// per request (callgrind); a test keeps the two lists in step.
 fn hop_by_hop_bit(name: &HeaderName) -> u16 {
     match name.as_str() {
         "connection" => 1,
@@ -381,6 +382,16 @@ pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_bits_follow_the_table() {
+        for (place, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_bit(name), 1 << place, "{name}");
+        }
+        assert_eq!(hop_by_hop_bit(&header::UPGRADE), UPGRADE_BIT);
+        assert_eq!(hop_by_hop_bit(&header::HOST), 0);
+        assert_eq!(hop_by_hop_bit(&HeaderName::from_static("x-te")), 0);
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
