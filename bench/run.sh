@@ -162,7 +162,7 @@ mkdir -p "$RUN" "$RAW" "$RUN/www" "$RUN/caddy-data"
 mkdir -p "$RUN"/{upstream-tmp,nginx-tmp}/{body,proxy,fastcgi,uwsgi,scgi}
 ln -sfn "$STAMP" "$BENCH_DIR/out/latest"
 RESULTS=$OUT/results.tsv
-printf 'case\tc\trep\trps\tp50_ms\tp99_ms\trequests\tnon2xx\tsock_errors\tnote\tsteal_pct\n' > "$RESULTS"
+printf 'case\tc\trep\trps\tp50_ms\tp99_ms\trequests\tnon2xx\tsock_errors\tnote\tsteal_pct\tcpu_us_per_req\tupstream_cpu_us_per_req\n' > "$RESULTS"
 chmod 755 "$OUT" "$RUN"   # nginx workers may run as nobody: they read htpasswd and www/
 log "results in $OUT"
 
@@ -453,6 +453,27 @@ case_process() {  # which long-lived process serves the case (for peak RSS)
     portcullis-*) echo pc ;;
   esac
 }
+# The process doing a case's work during a run (fresh-process cases included):
+# its CPU time is read around every run.
+serving_pid() {
+  local p pid
+  case ${1%-h2} in
+    portcullis-cold) p=pc-cold ;; portcullis-l2) p=pc-l2b ;; *) p=$(case_process "$1") ;;
+  esac
+  [[ -n "$p" ]] || { echo ""; return; }
+  pid=${PID_OF[$p]:-}
+  [[ -z "$pid" ]] || [[ "$p" != nginx && "$p" != upstream ]] || pid=$(nginx_worker "$pid")
+  echo "$pid"
+}
+upstream_pid() { nginx_worker "${PID_OF[upstream]}"; }
+# User + system CPU time of a process (all its threads), in clock ticks. The
+# kernel keeps the hypervisor's steal out of it: it is the work the process
+# did, however slow the host was.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null; } || echo 0; }
+us_per_req() {  # us_per_req TICKS_BEFORE TICKS_AFTER REQUESTS
+  awk -v a="$1" -v b="$2" -v r="$3" -v hz="$CLK_TCK" 'BEGIN { if (r > 0 && b >= a) printf "%.1f", (b - a) * 1e6 / hz / r; else print "-" }'
+}
 
 # The HAProxy ACL list holds the same kind of token the gateway checks.
 HAPROXY_TOKEN=${HOT_TOKEN:-glsa_$(openssl rand -hex 16)_00000000}
@@ -643,19 +664,30 @@ measure() {
   local name=$1 c=$2 out=$3 runner=$4 parser=$5 attempt best="" s0
   for ((attempt = 1; attempt <= 1 + STEAL_RETRIES; attempt++)); do
     pre_run "$name"
+    local pid upid t0 u0
+    pid=$(serving_pid "$name"); upid=$(upstream_pid)
+    t0=$(cpu_ticks "$pid"); u0=$(cpu_ticks "$upid")
     s0=$(steal_snapshot)
     "$runner" "$name" "$c" "$DURATION" "$out.try$attempt"
     steal=$(steal_pct "$s0" "$(steal_snapshot)")
     if [[ "$name" == *-h2 ]]; then read -r rps p50 p99 req n2 err < <(parse_h2load "$out.try$attempt")
     else read -r rps p50 p99 req n2 err < <("$parser" "$out.try$attempt"); fi
+    # Per request of the whole run; the timeline's count leaves out its first
+    # second, so its runs get none.
+    cpu=-; ucpu=-
+    if [[ "$runner" != run_timeline ]]; then
+      cpu=$(us_per_req "$t0" "$(cpu_ticks "$pid")" "$req")
+      # The upstream direct case is the upstream's own figure.
+      [[ "$name" == upstream-direct ]] || ucpu=$(us_per_req "$u0" "$(cpu_ticks "$upid")" "$req")
+    fi
     post_run "$name" "$req" "$out.try$attempt"
     if [[ -z "$best" ]] || awk -v a="$steal" -v b="${best%% *}" 'BEGIN { exit !(a < b) }'; then
-      best="$steal $rps $p50 $p99 $req $n2 $err $POST_NOTE"; cp "$out.try$attempt" "$out"
+      best="$steal $rps $p50 $p99 $req $n2 $err $cpu $ucpu $POST_NOTE"; cp "$out.try$attempt" "$out"
     fi
     awk -v a="$steal" -v m="$MAX_STEAL" 'BEGIN { exit !(a <= m) }' && break
     ((attempt > STEAL_RETRIES)) || { log "  $name c=$c: the hypervisor took ${steal}% of the two cores during the run (over ${MAX_STEAL}%): again"; sleep 3; }
   done
-  read -r steal rps p50 p99 req n2 err note <<< "$best"
+  read -r steal rps p50 p99 req n2 err cpu ucpu note <<< "$best"
 }
 
 RUN_SEQ=0
@@ -681,8 +713,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
     for name in "${RUN_CASES[@]}"; do
       RUN_SEQ=$((RUN_SEQ + 1))
       measure "$name" "$c" "$RAW/$name.c$c.r$rep.txt" run_wrk parse_wrk
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "$note" "$steal" >> "$RESULTS"
-      log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms, steal ${steal}%$( ((n2 == 0)) || echo " NON-2XX=$n2")$( ((err == 0)) || echo " sockerr=$err")${note:+ $note}"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "$note" "$steal" "$cpu" "$ucpu" >> "$RESULTS"
+      log "[$RUN_SEQ/$total] rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms, CPU ${cpu}us/req (upstream ${ucpu}), steal ${steal}%$( ((n2 == 0)) || echo " NON-2XX=$n2")$( ((err == 0)) || echo " sockerr=$err")${note:+ $note}"
       sleep 0.5
     done
   done
@@ -701,7 +733,7 @@ if ((${#STEADY_CASES[@]} > 1)); then
     for c in $CONNS; do
       for name in "${STEADY_CASES[@]}"; do
         measure "$name" "$c" "$RAW/steady-$name.c$c.r$rep.txt" run_timeline parse_timeline
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "" "$steal" >> "$STEADY"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rep" "$rps" "$p50" "$p99" "$req" "$n2" "$err" "" "$steal" - - >> "$STEADY"
         log "  steady rep $rep c=$c $name: $rps req/s, p50 ${p50}ms, p99 ${p99}ms after the first second, steal ${steal}%$( ((err == 0)) || echo " failed connections=$err")"
         sleep 0.5
       done
@@ -720,11 +752,12 @@ done
 # ---------------------------------------------------------------- summary --
 median() { sort -g | awk '{a[NR] = $1} END { if (NR == 0) { print 0; exit } if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 col() { awk -F'\t' -v n="$1" -v c="$2" -v k="$3" 'NR > 1 && $1 == n && $2 == c {print $k}' "${TSV:-$RESULTS}"; }
-# Median over reps of NAME's req/s divided by BASE's in the same rep: the runs
-# of one rep are minutes apart at most, so drift on a shared host cancels.
-paired_ratio() {
-  awk -F'\t' -v n="$1" -v c="$2" -v b="$3" 'NR > 1 && $2 == c && $1 == n {x[$3] = $4}
-    NR > 1 && $2 == c && $1 == b {y[$3] = $4}
+# Median over reps of NAME's figure (req/s unless another column is named)
+# divided by BASE's in the same rep: the runs of one rep are minutes apart at
+# most, so drift on a shared host cancels.
+paired_ratio() {  # paired_ratio NAME C BASE [COLUMN: 4, req/s]
+  awk -F'\t' -v n="$1" -v c="$2" -v b="$3" -v k="${4:-4}" 'NR > 1 && $2 == c && $1 == n && $k != "-" {x[$3] = $k}
+    NR > 1 && $2 == c && $1 == b && $k != "-" {y[$3] = $k}
     END {for (r in x) if (y[r] > 0) print x[r] / y[r]}' "${TSV:-$RESULTS}" | median
 }
 fmt_rps() { awk -v r="$1" 'BEGIN { if (r >= 1000) printf "%.1fk", r / 1000; else printf "%.0f", r }'; }
@@ -734,8 +767,8 @@ TABLE=$OUT/table.md
 {
   echo "Portcullis benchmark — $(date '+%Y-%m-%d %H:%M'), $DURATION runs, $REPS reps interleaved, servers on core $SERVER_CPU, wrk -t1 on core $CLIENT_CPU, HTTP/1.1 keep-alive"
   echo
-  echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS | peak RSS | notes |"
-  echo "|---|---:|---|---:|---:|---:|---:|---|"
+  echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS | CPU µs/req (vs nginx) | peak RSS | notes |"
+  echo "|---|---:|---|---:|---:|---:|---:|---:|---|"
   for c in $CONNS; do
     for name in "${CASES[@]}"; do
       rps=$(col "$name" "$c" 4 | median); mn=$(col "$name" "$c" 4 | sort -g | head -1); mx=$(col "$name" "$c" 4 | sort -g | tail -1)
@@ -761,7 +794,10 @@ TABLE=$OUT/table.md
       esac
       n=""; for x in "${notes[@]}"; do n+="${n:+; }$x"; done
       if [[ "$name" == *-h2 ]]; then p50=-; p99=-; else p50=$(fmt_ms "$p50"); p99=$(fmt_ms "$p99"); fi
-      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $p50 | $p99 | $ratio | $rss | $n |"
+      cpu=$(col "$name" "$c" 12 | awk '$1 != "-"' | median)
+      cpu_ratio=$(paired_ratio "$name" "$c" "$base_name" 12 | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
+      cpu=$(awk -v u="$cpu" -v r="$cpu_ratio" 'BEGIN { if (u > 0) printf "%.1f (%s)", u, r; else print "-" }')
+      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $p50 | $p99 | $ratio | $cpu | $rss | $n |"
     done
   done
   echo
@@ -803,7 +839,7 @@ TABLE=$OUT/table.md
   fi
   echo "Steal (CPU time the hypervisor gave to other guests) was read from /proc/stat around every run; a run over ${MAX_STEAL}% was repeated up to $STEAL_RETRIES times and the quietest attempt kept (median over kept runs: $(awk -F'\t' 'NR > 1 {print $11}' "$RESULTS" | median)%; results.tsv has each run's)."
   echo
-  echo "Ratios are taken in this run only: for each rep, the case's req/s over nginx's plain TLS proxy's in the same rep at the same c, and the median of those per-rep ratios (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
+  echo "Ratios are taken in this run only: for each rep, the case's req/s over nginx's plain TLS proxy's in the same rep at the same c, and the median of those per-rep ratios (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). CPU µs/req is the serving process's user + system time (/proc/PID/stat, which leaves out the hypervisor's steal) over the run's requests, median over reps, and in brackets the median per-rep ratio to nginx's TLS proxy: the work each proxy does per request, which the host's noise moves less than req/s; the upstream's share is in results.tsv. Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
 } > "$TABLE"
 echo
 cat "$TABLE"
