@@ -470,9 +470,16 @@ upstream_pid() { nginx_worker "${PID_OF[upstream]}"; }
 # kernel keeps the hypervisor's steal out of it: it is the work the process
 # did, however slow the host was.
 CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null; } || echo 0; }
+# "-" when there is no such process. The fields are counted after the
+# command name's closing bracket: a name may hold spaces.
+cpu_ticks() {
+  local stat
+  [[ -n "$1" ]] && stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo -; return; }
+  awk '{print $12 + $13}' <<< "${stat##*) }"
+}
 us_per_req() {  # us_per_req TICKS_BEFORE TICKS_AFTER REQUESTS
-  awk -v a="$1" -v b="$2" -v r="$3" -v hz="$CLK_TCK" 'BEGIN { if (r > 0 && b >= a) printf "%.1f", (b - a) * 1e6 / hz / r; else print "-" }'
+  awk -v a="$1" -v b="$2" -v r="$3" -v hz="$CLK_TCK" 'BEGIN {
+    if (a != "-" && b != "-" && r > 0 && b >= a) printf "%.1f", (b - a) * 1e6 / hz / r; else print "-" }'
 }
 
 # The HAProxy ACL list holds the same kind of token the gateway checks.
@@ -672,10 +679,12 @@ measure() {
     steal=$(steal_pct "$s0" "$(steal_snapshot)")
     if [[ "$name" == *-h2 ]]; then read -r rps p50 p99 req n2 err < <(parse_h2load "$out.try$attempt")
     else read -r rps p50 p99 req n2 err < <("$parser" "$out.try$attempt"); fi
-    # Per request of the whole run; the timeline's count leaves out its first
-    # second, so its runs get none.
+    # Per request of the whole run. None where the count and the CPU window
+    # differ: the timeline counts from its second second, h2load leaves out
+    # its warm-up, and the cold case's wrk stops with up to c verifications
+    # still in flight (whose work is the stand-in's, mostly).
     cpu=-; ucpu=-
-    if [[ "$runner" != run_timeline ]]; then
+    if [[ "$runner" != run_timeline && "$name" != *-h2 && "$name" != portcullis-cold ]]; then
       cpu=$(us_per_req "$t0" "$(cpu_ticks "$pid")" "$req")
       # The upstream direct case is the upstream's own figure.
       [[ "$name" == upstream-direct ]] || ucpu=$(us_per_req "$u0" "$(cpu_ticks "$upid")" "$req")
