@@ -75,6 +75,7 @@ WRK_TIMEOUT=${BENCH_WRK_TIMEOUT:-10s}
 
 PORT_UPSTREAM=$((BASE + 80))
 PORT_NGINX_TLS=$((BASE + 443)); PORT_NGINX_SHA=$((BASE + 444)); PORT_NGINX_BCRYPT=$((BASE + 445))
+PORT_NGINX_FWD=$((BASE + 446))
 PORT_HAPROXY_TLS=$((BASE + 453)); PORT_HAPROXY_BEARER=$((BASE + 454))
 PORT_CADDY_TLS=$((BASE + 463)); PORT_CADDY_BASIC=$((BASE + 464))
 PORT_PC=$((BASE + 473)); PORT_PC_ADMIN=$((BASE + 474))
@@ -102,7 +103,7 @@ ncpu=$(nproc)
 # Every port must be free: a foreign server answering on one would be measured instead.
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 busy=()
-for p in "$PORT_UPSTREAM" "$PORT_NGINX_TLS" "$PORT_NGINX_SHA" "$PORT_NGINX_BCRYPT" "$PORT_HAPROXY_TLS" \
+for p in "$PORT_UPSTREAM" "$PORT_NGINX_TLS" "$PORT_NGINX_SHA" "$PORT_NGINX_BCRYPT" "$PORT_NGINX_FWD" "$PORT_HAPROXY_TLS" \
          "$PORT_HAPROXY_BEARER" "$PORT_CADDY_TLS" "$PORT_CADDY_BASIC" "$PORT_PC" "$PORT_PC_ADMIN" \
          "$PORT_PC_COLD" "$PORT_PC_COLD_ADMIN" "$PORT_PC_L2A" "$PORT_PC_L2A_ADMIN" "$PORT_PC_L2B" \
          "$PORT_PC_L2B_ADMIN" "$PORT_PC_MEM" "$PORT_PC_MEM_ADMIN" "$PORT_STUB" "$PORT_REDIS"; do
@@ -244,7 +245,7 @@ render() {  # render TEMPLATE DEST [KEY=VALUE ...]
   local args=() kv
   for kv in RUN="$RUN" CERT="$RUN/cert.pem" KEY="$RUN/key.pem" CERTKEY="$RUN/certkey.pem" \
             PORT_UPSTREAM=$PORT_UPSTREAM PORT_NGINX_TLS=$PORT_NGINX_TLS PORT_NGINX_SHA=$PORT_NGINX_SHA \
-            PORT_NGINX_BCRYPT=$PORT_NGINX_BCRYPT PORT_HAPROXY_TLS=$PORT_HAPROXY_TLS \
+            PORT_NGINX_BCRYPT=$PORT_NGINX_BCRYPT PORT_NGINX_FWD=$PORT_NGINX_FWD PORT_HAPROXY_TLS=$PORT_HAPROXY_TLS \
             PORT_HAPROXY_BEARER=$PORT_HAPROXY_BEARER PORT_CADDY_TLS=$PORT_CADDY_TLS \
             PORT_CADDY_BASIC=$PORT_CADDY_BASIC PORT_STUB=$PORT_STUB BASIC_USER=$BASIC_USER \
             CADDY_BCRYPT="$CADDY_BCRYPT" PC_TTL="$PC_TTL" "$@"; do
@@ -385,7 +386,7 @@ fi
 
 # ----------------------------------------------------------------- cases --
 # Table order.
-ALL_CASES=(upstream-direct nginx-tls nginx-basic-sha nginx-basic-bcrypt haproxy-tls haproxy-bearer
+ALL_CASES=(upstream-direct nginx-tls nginx-tls-fwd nginx-basic-sha nginx-basic-bcrypt haproxy-tls haproxy-bearer
            caddy-tls caddy-basic-bcrypt)
 [[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer portcullis-basic portcullis-cookie
                                           portcullis-cold portcullis-l2)
@@ -393,7 +394,7 @@ ALL_CASES=(upstream-direct nginx-tls nginx-basic-sha nginx-basic-bcrypt haproxy-
 # Run order within a rep: the baseline sits next to the cases it is most
 # closely compared with (the close peers, then Portcullis' cache hits), so that
 # each per-rep ratio pairs runs seconds apart, not minutes.
-RUN_ORDER=(upstream-direct haproxy-tls haproxy-bearer nginx-basic-sha nginx-tls portcullis-bearer
+RUN_ORDER=(upstream-direct haproxy-tls haproxy-bearer nginx-basic-sha nginx-tls-fwd nginx-tls portcullis-bearer
            portcullis-basic portcullis-cookie portcullis-l2 portcullis-mem nginx-basic-bcrypt caddy-tls caddy-basic-bcrypt
            portcullis-cold)
 if [[ "$H2" == 1 ]]; then
@@ -410,6 +411,7 @@ describe() {
   case $1 in
     upstream-direct) echo "upstream nginx direct, plain HTTP (reference, no proxy)" ;;
     nginx-tls) echo "nginx TLS proxy, no auth (baseline)" ;;
+    nginx-tls-fwd) echo "nginx TLS proxy, no auth, forwarding Portcullis' header lines" ;;
     nginx-basic-sha) echo "nginx auth_basic, {SHA} htpasswd" ;;
     nginx-basic-bcrypt) echo "nginx auth_basic, bcrypt htpasswd" ;;
     haproxy-tls) echo "HAProxy TLS proxy, no auth" ;;
@@ -430,6 +432,7 @@ case_target() {
   case ${1%-h2} in
     upstream-direct) URL=http://127.0.0.1:$PORT_UPSTREAM/ ;;
     nginx-tls) URL=https://127.0.0.1:$PORT_NGINX_TLS/ ;;
+    nginx-tls-fwd) URL=https://127.0.0.1:$PORT_NGINX_FWD/; HDR=(-H "Authorization: Bearer $HOT_TOKEN") ;;
     nginx-basic-sha) URL=https://127.0.0.1:$PORT_NGINX_SHA/; HDR=(-H "Authorization: Basic $BASIC_PEER_B64") ;;
     nginx-basic-bcrypt) URL=https://127.0.0.1:$PORT_NGINX_BCRYPT/; HDR=(-H "Authorization: Basic $BASIC_PEER_B64") ;;
     haproxy-tls) URL=https://127.0.0.1:$PORT_HAPROXY_TLS/ ;;
@@ -445,7 +448,7 @@ case_target() {
     *) die "unknown case $1" ;;
   esac
 }
-case_needs_auth() { local n=${1%-h2}; [[ "$n" != upstream-direct && "$n" != *-tls ]]; }
+case_needs_auth() { local n=${1%-h2}; [[ "$n" != upstream-direct && "$n" != *-tls && "$n" != nginx-tls-fwd ]]; }
 case_process() {  # which long-lived process serves the case (for peak RSS)
   case ${1%-h2} in
     upstream-direct) echo upstream ;; nginx-*) echo nginx ;; haproxy-*) echo haproxy ;;
@@ -776,8 +779,8 @@ TABLE=$OUT/table.md
 {
   echo "Portcullis benchmark — $(date '+%Y-%m-%d %H:%M'), $DURATION runs, $REPS reps interleaved, servers on core $SERVER_CPU, wrk -t1 on core $CLIENT_CPU, HTTP/1.1 keep-alive"
   echo
-  echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS | CPU µs/req (vs nginx) | peak RSS | notes |"
-  echo "|---|---:|---|---:|---:|---:|---:|---:|---|"
+  echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS | CPU µs/req (vs nginx) | upstream CPU µs/req (vs nginx) | peak RSS | notes |"
+  echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"
   for c in $CONNS; do
     for name in "${CASES[@]}"; do
       rps=$(col "$name" "$c" 4 | median); mn=$(col "$name" "$c" 4 | sort -g | head -1); mx=$(col "$name" "$c" 4 | sort -g | tail -1)
@@ -806,7 +809,10 @@ TABLE=$OUT/table.md
       cpu=$(col "$name" "$c" 12 | awk '$1 != "-"' | median)
       cpu_ratio=$(paired_ratio "$name" "$c" "$base_name" 12 | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
       cpu=$(awk -v u="$cpu" -v r="$cpu_ratio" 'BEGIN { if (u > 0) printf "%.1f (%s)", u, r; else print "-" }')
-      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $p50 | $p99 | $ratio | $cpu | $rss | $n |"
+      up_cpu=$(col "$name" "$c" 13 | awk '$1 != "-"' | median)
+      up_ratio=$(paired_ratio "$name" "$c" "$base_name" 13 | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
+      up_cpu=$(awk -v u="$up_cpu" -v r="$up_ratio" 'BEGIN { if (u > 0) printf "%.1f (%s)", u, r; else print "-" }')
+      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $p50 | $p99 | $ratio | $cpu | $up_cpu | $rss | $n |"
     done
   done
   echo
@@ -848,7 +854,7 @@ TABLE=$OUT/table.md
   fi
   echo "Steal (CPU time the hypervisor gave to other guests) was read from /proc/stat around every run; a run over ${MAX_STEAL}% was repeated up to $STEAL_RETRIES times and the quietest attempt kept (median over kept runs: $(awk -F'\t' 'NR > 1 {print $11}' "$RESULTS" | median)%; results.tsv has each run's)."
   echo
-  echo "Ratios are taken in this run only: for each rep, the case's req/s over nginx's plain TLS proxy's in the same rep at the same c, and the median of those per-rep ratios (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). CPU µs/req is the serving process's user + system time (/proc/PID/stat, which leaves out the hypervisor's steal) over the run's requests, median over reps, and in brackets the median per-rep ratio to nginx's TLS proxy: the work the proxy itself does per request, whatever the upstream costs and however much the hypervisor steals (the host's shared caches still move it from run to run); the upstream's share is in results.tsv. None for the cold case, HTTP/2 rows and the steady-state pass, whose counts do not cover the whole run. Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
+  echo "Ratios are taken in this run only: for each rep, the case's req/s over nginx's plain TLS proxy's in the same rep at the same c, and the median of those per-rep ratios (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). CPU µs/req is the serving process's user + system time (/proc/PID/stat, which leaves out the hypervisor's steal) over the run's requests, median over reps, and in brackets the median per-rep ratio to nginx's TLS proxy: the work the proxy itself does per request, whatever the upstream costs and however much the hypervisor steals (the host's shared caches still move it from run to run). Upstream CPU µs/req is the same measure for the upstream's worker during the run: what each proxy's forwarded requests cost the server behind it, on the same core (Portcullis adds X-Forwarded-For/-Proto/-Host and its identity headers and passes the credential on, which the upstream parses; nginx's plain proxy sends Host alone). None for the cold case, HTTP/2 rows and the steady-state pass, whose counts do not cover the whole run. Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
 } > "$TABLE"
 echo
 cat "$TABLE"
