@@ -852,6 +852,14 @@ TABLE=$OUT/table.md
     echo "Bar (cache hit >= 1.00x nginx TLS req/s with p99 no worse; under 64 MiB with 100,000 identities): $(IFS=';'; echo "${bar[*]}" | sed 's/;/; /g')"
     echo
   fi
+  if [[ " ${CASES[*]} " == *" nginx-tls-fwd "* && " ${CASES[*]} " == *" portcullis-bearer "* ]]; then
+    like=()
+    for c in $CONNS; do
+      like+=("c=$c: $(printf '%.2f' "$(paired_ratio portcullis-bearer "$c" nginx-tls-fwd)")x, p99 $(fmt_ms "$(col portcullis-bearer "$c" 6 | median)") vs $(fmt_ms "$(col nginx-tls-fwd "$c" 6 | median)") ms")
+    done
+    echo "Like for like (the upstream receives the same header lines from both): Portcullis Bearer cache hit against nginx's plain TLS proxy forwarding those lines, paired per rep: $(IFS=';'; echo "${like[*]}" | sed 's/;/; /g')"
+    echo
+  fi
   echo "Steal (CPU time the hypervisor gave to other guests) was read from /proc/stat around every run; a run over ${MAX_STEAL}% was repeated up to $STEAL_RETRIES times and the quietest attempt kept (median over kept runs: $(awk -F'\t' 'NR > 1 {print $11}' "$RESULTS" | median)%; results.tsv has each run's)."
   echo
   echo "Ratios are taken in this run only: for each rep, the case's req/s over nginx's plain TLS proxy's in the same rep at the same c, and the median of those per-rep ratios (HTTP/2 rows: against nginx's HTTP/2 row; h2load gives no percentiles). CPU µs/req is the serving process's user + system time (/proc/PID/stat, which leaves out the hypervisor's steal) over the run's requests, median over reps, and in brackets the median per-rep ratio to nginx's TLS proxy: the work the proxy itself does per request, whatever the upstream costs and however much the hypervisor steals (the host's shared caches still move it from run to run). Upstream CPU µs/req is the same measure for the upstream's worker during the run: what each proxy's forwarded requests cost the server behind it, on the same core (Portcullis adds X-Forwarded-For/-Proto/-Host and its identity headers and passes the credential on, which the upstream parses; nginx's plain proxy sends Host alone). None for the cold case, HTTP/2 rows and the steady-state pass, whose counts do not cover the whole run. Peak RSS is VmHWM of the serving process (nginx: its worker; one process serves all listeners of a peer)."
