@@ -240,6 +240,10 @@ echo "glsa_placeholder" > "$RUN/haproxy-tokens.lst"   # final list written once 
 BASIC_PEER_B64=$(printf '%s:%s' "$BASIC_USER" "$BASIC_PASS" | base64 -w0)
 BASIC_GRAFANA_B64=$(printf '%s:%s' "$GRAFANA_USER" "$GRAFANA_PASS" | base64 -w0)
 
+# The service account behind the Bearer cache-hit token. nginx-tls-fwd sends
+# the identity headers the gateway injects for it (Grafana: login "sa-" + name,
+# the stand-in's one org, id 1).
+HOT_SA_NAME=bench-hot; HOT_SA_ROLE=Viewer
 render() {  # render TEMPLATE DEST [KEY=VALUE ...]
   local src=$1 dst=$2; shift 2
   local args=() kv
@@ -248,7 +252,7 @@ render() {  # render TEMPLATE DEST [KEY=VALUE ...]
             PORT_NGINX_BCRYPT=$PORT_NGINX_BCRYPT PORT_NGINX_FWD=$PORT_NGINX_FWD PORT_HAPROXY_TLS=$PORT_HAPROXY_TLS \
             PORT_HAPROXY_BEARER=$PORT_HAPROXY_BEARER PORT_CADDY_TLS=$PORT_CADDY_TLS \
             PORT_CADDY_BASIC=$PORT_CADDY_BASIC PORT_STUB=$PORT_STUB BASIC_USER=$BASIC_USER \
-            CADDY_BCRYPT="$CADDY_BCRYPT" PC_TTL="$PC_TTL" "$@"; do
+            CADDY_BCRYPT="$CADDY_BCRYPT" PC_TTL="$PC_TTL" HOT_SA_NAME="$HOT_SA_NAME" HOT_SA_ROLE="$HOT_SA_ROLE" "$@"; do
     args+=(-e "s|@${kv%%=*}@|${kv#*=}|g")
   done
   sed "${args[@]}" "$src" > "$dst"
@@ -318,7 +322,7 @@ if [[ "$PEERS_ONLY" != 1 ]]; then
   wait_http stub "http://127.0.0.1:$PORT_STUB/api/health"
 
   log "minting credentials through the stand-in's API"
-  SA_ID=$(stub_api POST /api/serviceaccounts '{"name":"bench-hot","role":"Viewer"}' | json_field id)
+  SA_ID=$(stub_api POST /api/serviceaccounts "{\"name\":\"$HOT_SA_NAME\",\"role\":\"$HOT_SA_ROLE\"}" | json_field id)
   [[ -n "$SA_ID" ]] || die "could not create a service account"
   HOT_TOKEN=$(mint_tokens "$SA_ID" 1 hot)
   [[ "$HOT_TOKEN" == glsa_* ]] || die "could not mint a token (got '$HOT_TOKEN')"
@@ -772,6 +776,13 @@ paired_ratio() {  # paired_ratio NAME C BASE [COLUMN: 4, req/s]
     NR > 1 && $2 == c && $1 == b && $k != "-" {y[$3] = $k}
     END {for (r in x) if (y[r] > 0) print x[r] / y[r]}' "${TSV:-$RESULTS}" | median
 }
+# cpu_cell NAME C BASE COLUMN: "median µs (paired ratio to BASE)", or "-" where no run has a figure.
+cpu_cell() {
+  local us r
+  us=$(col "$1" "$2" "$4" | awk '$1 != "-"' | median)
+  r=$(paired_ratio "$1" "$2" "$3" "$4" | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
+  awk -v u="$us" -v r="$r" 'BEGIN { if (u > 0) printf "%.1f (%s)", u, r; else print "-" }'
+}
 fmt_rps() { awk -v r="$1" 'BEGIN { if (r >= 1000) printf "%.1fk", r / 1000; else printf "%.0f", r }'; }
 fmt_ms() { awk -v m="$1" 'BEGIN { if (m >= 100) printf "%.0f", m; else if (m >= 10) printf "%.1f", m; else printf "%.2f", m }'; }
 
@@ -806,13 +817,7 @@ TABLE=$OUT/table.md
       esac
       n=""; for x in "${notes[@]}"; do n+="${n:+; }$x"; done
       if [[ "$name" == *-h2 ]]; then p50=-; p99=-; else p50=$(fmt_ms "$p50"); p99=$(fmt_ms "$p99"); fi
-      cpu=$(col "$name" "$c" 12 | awk '$1 != "-"' | median)
-      cpu_ratio=$(paired_ratio "$name" "$c" "$base_name" 12 | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
-      cpu=$(awk -v u="$cpu" -v r="$cpu_ratio" 'BEGIN { if (u > 0) printf "%.1f (%s)", u, r; else print "-" }')
-      up_cpu=$(col "$name" "$c" 13 | awk '$1 != "-"' | median)
-      up_ratio=$(paired_ratio "$name" "$c" "$base_name" 13 | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
-      up_cpu=$(awk -v u="$up_cpu" -v r="$up_ratio" 'BEGIN { if (u > 0) printf "%.1f (%s)", u, r; else print "-" }')
-      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $p50 | $p99 | $ratio | $cpu | $up_cpu | $rss | $n |"
+      echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $p50 | $p99 | $ratio | $(cpu_cell "$name" "$c" "$base_name" 12) | $(cpu_cell "$name" "$c" "$base_name" 13) | $rss | $n |"
     done
   done
   echo
