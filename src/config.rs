@@ -126,6 +126,9 @@ pub struct UpstreamConfig {
     #[serde(with = "duration")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Bodyless GET/HEAD to an http:// upstream exchanged in the request's
+    /// own task; false sends every request through hyper's pooled client.
+    pub direct_exchange: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -138,6 +141,7 @@ impl Default for UpstreamConfig {
             insecure: false,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            direct_exchange: true,
         }
     }
 }

@@ -279,7 +279,8 @@ impl Forwarder {
     ) -> Result<Forwarder, ConfigError> {
         Ok(Forwarder {
             client: upstream::client(config, upstream::connector(config)?),
-            direct: DirectPools::new(upstreams, config),
+            // Switched off, no pool is built and every request takes the client.
+            direct: DirectPools::new(upstreams.into_iter().filter(|_| config.direct_exchange), config),
             response_timeout: config.response_timeout,
         })
     }
