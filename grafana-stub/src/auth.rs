@@ -11,7 +11,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::{json, Value};
 
 use crate::credentials::{self, LegacyKey, SaToken, GRAFANA_PREFIX};
-use crate::store::{Role, Session, ORG_ID};
+use crate::store::{LookupError, Role, Session, ORG_ID};
 use crate::Shared;
 
 /// The identity behind a request.
@@ -119,7 +119,7 @@ impl ApiError {
         )
     }
 
-    fn session_invalid() -> ApiError {
+    pub fn session_invalid() -> ApiError {
         ApiError {
             clear_session: true,
             ..ApiError::unauthorized()
@@ -407,29 +407,27 @@ pub fn create_session(shared: &Shared, user_id: i64, ip: &str, user_agent: &str)
     (token, id)
 }
 
-/// Finds a live session for a cookie value (current or previous token).
-pub fn live_session(shared: &Shared, token: &str) -> Option<Session> {
+/// Grafana's `LookupToken` for a cookie value (current or previous token,
+/// see `Store::lookup_token`), plus the user check the session client's
+/// user fetch makes: a disabled or deleted user has no session.
+pub fn lookup_session(shared: &Shared, token: &str) -> Result<Session, LookupError> {
     let hash = credentials::hash_session_token(token, &shared.settings.secret_key);
     let now = shared.now();
-    let store = shared.store();
-    let session = store.session_by_hash(&hash)?;
-    if session.expired(now) {
-        return None;
+    let mut store = shared.store();
+    let session = store.lookup_token(&hash, now)?;
+    match store.users.get(&session.user_id) {
+        Some(user) if !user.disabled => Ok(session),
+        _ => Err(LookupError::NotFound),
     }
-    let user = store.users.get(&session.user_id)?;
-    (!user.disabled).then(|| session.clone())
 }
 
+/// Grafana's session client (`pkg/services/authn/clients/session.go`):
+/// look the token up, then refuse it with `session.token.rotate` when it
+/// needs rotation — the token is not dead, the frontend rotates it.
 fn session(shared: &Shared, token: &str) -> Result<Caller, ApiError> {
-    let session = live_session(shared, token).ok_or_else(ApiError::session_invalid)?;
-    let now = shared.now();
-    // Grafana 10+ rotates on the client side: a token past its rotation time
-    // is refused until the browser calls /api/user/auth-tokens/rotate.
-    if session.needs_rotation(now) {
+    let session = lookup_session(shared, token).map_err(|_| ApiError::session_invalid())?;
+    if session.needs_rotation(shared.now(), shared.settings.rotation_interval_secs) {
         return Err(ApiError::session_needs_rotation());
-    }
-    if let Some(s) = shared.store().sessions.get_mut(&session.id) {
-        s.seen_at = now;
     }
     user_caller(shared, session.user_id, Some(session.id))
 }

@@ -20,7 +20,9 @@ use sha2::{Digest, Sha256};
 use crate::auth::{self, ApiError, Caller, Principal};
 use crate::clock::rfc3339;
 use crate::credentials::{LegacyKey, SaToken};
-use crate::store::{self, ApiKey, Conflict, Role, ServiceAccount, Session, User, ORG_ID, ORG_NAME};
+use crate::store::{
+    self, ApiKey, Conflict, LookupError, Role, ServiceAccount, Session, User, ORG_ID, ORG_NAME,
+};
 use crate::{Flavor, Shared};
 
 pub type Body = Full<Bytes>;
@@ -172,8 +174,14 @@ fn add_cookies(response: &mut Response<Body>, cookies: &[String]) {
     }
 }
 
+/// Grafana's `sessionExpiryCookie`, read by the frontend (not HttpOnly).
 const EXPIRY_COOKIE: &str = "grafana_session_expiry";
 
+/// Grafana's `authn.WriteSessionCookie` (`pkg/services/authn/authn.go`):
+/// the session cookie (URL-escaped token, `Max-Age` = the maximum lifetime,
+/// HttpOnly, `SameSite=Lax`) and `grafana_session_expiry` = the token's
+/// `NextRotation` in Unix seconds (rotation time minus 5 s), same attributes
+/// but readable by scripts. Go's `http.Cookie` writes them in this order.
 fn session_cookies(shared: &Shared, token: &str, session: &Session) -> Vec<String> {
     let max_age = store::MAX_LIFETIME_SECS;
     vec![
@@ -181,14 +189,15 @@ fn session_cookies(shared: &Shared, token: &str, session: &Session) -> Vec<Strin
             "{}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax",
             shared.settings.session_cookie
         ),
-        // Read by the front end (not HttpOnly) to know when to rotate.
         format!(
             "{EXPIRY_COOKIE}={}; Path=/; Max-Age={max_age}; SameSite=Lax",
-            session.next_rotation()
+            session.next_rotation(shared.settings.rotation_interval_secs)
         ),
     ]
 }
 
+/// Grafana's `authn.DeleteSessionCookie`: both cookies, `MaxAge: -1`, which
+/// Go writes as `Max-Age=0`.
 fn clear_cookies(shared: &Shared) -> Vec<String> {
     vec![
         format!(
@@ -386,7 +395,8 @@ fn session_json(s: &Session, active: Option<i64>) -> Value {
         "osVersion": "",
         "device": "Other",
         "createdAt": rfc3339(s.created),
-        "seenAt": rfc3339(s.seen_at),
+        // Grafana: `seen_at`, or the creation time while it is 0.
+        "seenAt": rfc3339(if s.seen_at == 0 { s.created } else { s.seen_at }),
     })
 }
 
@@ -476,7 +486,7 @@ async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, Api
         })),
         (&Method::POST, ["login"]) => login(shared, req).await,
         (&Method::GET, ["login"]) => Ok(html("<!doctype html><title>Grafana</title><p>Log in</p>")),
-        (&Method::GET, ["logout"]) => logout(shared, req),
+        (&Method::GET, ["logout"]) => logout(shared, req).await,
         // Outside the signed-in middleware in Grafana: the cookie decides.
         (&Method::POST, ["api", "user", "auth-tokens", "rotate"]) => rotate(shared, req),
         (_, ["api", rest @ ..]) => {
@@ -568,10 +578,15 @@ async fn login(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiErr
     Ok(response)
 }
 
-fn logout(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
-    if let Some(token) = auth::cookie(&req.headers, &shared.settings.session_cookie) {
-        if let Some(session) = auth::live_session(shared, &token) {
-            shared.store().sessions.remove(&session.id);
+/// Grafana's `Logout` (`pkg/api/login.go`) and `authn.Service.Logout`: the
+/// session token revoked is the one the request was *authenticated* with —
+/// a cookie that needs rotation (or a request authenticated by a key or a
+/// password) revokes nothing — then both cookies are deleted and the
+/// browser sent to the login page.
+async fn logout(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
+    if let Ok(Some(caller)) = auth::authenticate(shared, &req.headers, req.peer).await {
+        if let Some(id) = current_session(&caller) {
+            shared.store().sessions.remove(&id);
         }
     }
     let mut response = Response::new(Full::new(Bytes::new()));
@@ -583,29 +598,49 @@ fn logout(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
     Ok(response)
 }
 
-fn rotate(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
-    let token =
-        auth::cookie(&req.headers, &shared.settings.session_cookie).ok_or_else(ApiError::unauthorized)?;
-    let invalid = || ApiError {
-        clear_session: true,
-        ..ApiError::unauthorized()
-    };
-    let session = auth::live_session(shared, &token).ok_or_else(invalid)?;
+/// What `rotateToken` (`pkg/api/user_token.go`) comes to.
+enum Rotation {
+    /// A new token: the `Set-Cookie` lines to send.
+    Rotated(Vec<String>),
+    /// `RotateToken` returned the same token (rotated less than
+    /// `skip_rotation_if_recent` ago): success, no cookie.
+    Kept,
+}
+
+/// Grafana's `UserAuthTokenService.RotateToken`: look the presented token up
+/// (current or previous, `LookupToken` rules), skip when the last rotation is
+/// recent, else rotate. Errors as `RotateUserAuthToken` answers them: no
+/// cookie or an expired token (`ErrInvalidSessionToken`) delete the cookie
+/// and 401; an unknown token 401 without deleting it; both with Grafana's
+/// fallback body `{"message":"Unauthorized"}`.
+fn rotate_token(shared: &Shared, req: &Req) -> Result<Rotation, ApiError> {
+    let invalid = ApiError::session_invalid;
+    let token = auth::cookie(&req.headers, &shared.settings.session_cookie).ok_or_else(invalid)?;
+    let session = auth::lookup_session(shared, &token).map_err(|e| match e {
+        LookupError::NotFound => ApiError::unauthorized(),
+        LookupError::Expired => invalid(),
+    })?;
+    let now = shared.now();
+    if session.rotated_at + shared.settings.skip_rotation_secs > now {
+        return Ok(Rotation::Kept);
+    }
     let new_token = crate::credentials::random_hex(16);
     let new_hash = crate::credentials::hash_session_token(&new_token, &shared.settings.secret_key);
-    let now = shared.now();
-    let rotated = {
-        let mut store = shared.store();
-        let s = store.sessions.get_mut(&session.id).ok_or_else(invalid)?;
-        // The token being replaced stays valid as the previous one.
-        s.prev_token_hash = std::mem::replace(&mut s.token_hash, new_hash);
-        s.rotated_at = now;
-        s.seen_at = now;
-        s.client_ip = req.client_ip();
-        s.clone()
-    };
+    let rotated = shared
+        .store()
+        .rotate_session(session.id, new_hash, &req.client_ip(), &req.user_agent(), now)
+        .ok_or_else(ApiError::unauthorized)?;
+    Ok(Rotation::Rotated(session_cookies(shared, &new_token, &rotated)))
+}
+
+/// `POST /api/user/auth-tokens/rotate` (`RotateUserAuthToken`): outside the
+/// signed-in middleware, the cookie decides. 200 `{}`, with the new cookies
+/// when the token was rotated.
+fn rotate(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
     let mut response = json_response(StatusCode::OK, &json!({}));
-    add_cookies(&mut response, &session_cookies(shared, &new_token, &rotated));
+    if let Rotation::Rotated(cookies) = rotate_token(shared, req)? {
+        add_cookies(&mut response, &cookies);
+    }
     Ok(response)
 }
 

@@ -113,6 +113,19 @@ pub struct StubOptions {
     /// Turn legacy API keys into service accounts, as PMM 3 does; `None`
     /// means "as the flavor does" (PMM only).
     pub migrate_api_keys: Option<bool>,
+    /// Grafana's `[auth] token_rotation_interval_minutes` (default 10): a
+    /// session used within this long of its last rotation is accepted, after
+    /// it every request with it is answered `401 session.token.rotate` until
+    /// the frontend calls `POST /api/user/auth-tokens/rotate`. Whole seconds
+    /// (Grafana keeps `rotated_at` in Unix seconds), at least one. PMM's own
+    /// `grafana.ini` sets 60 minutes; 10 is kept as the default for every
+    /// flavor (set it to imitate a PMM server exactly).
+    pub rotation_interval: Duration,
+    /// Grafana's `SkipRotationTime` (`auth_token.go`, 5 s, the
+    /// `skipTokenRotationIfRecent` feature, on by default in 11.x): a
+    /// rotate call within this long of the last rotation answers 200 without
+    /// a new cookie. `Duration::ZERO` turns it off.
+    pub skip_rotation_if_recent: Duration,
 }
 
 impl Default for StubOptions {
@@ -125,9 +138,16 @@ impl Default for StubOptions {
             admin_password: "admin".to_owned(),
             auth_proxy: false,
             migrate_api_keys: None,
+            rotation_interval: DEFAULT_ROTATION_INTERVAL,
+            skip_rotation_if_recent: DEFAULT_SKIP_ROTATION_IF_RECENT,
         }
     }
 }
+
+/// Grafana's default `token_rotation_interval_minutes`.
+pub const DEFAULT_ROTATION_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Grafana's `SkipRotationTime`.
+pub const DEFAULT_SKIP_ROTATION_IF_RECENT: Duration = Duration::from_secs(5);
 
 /// Options with the flavor's defaults applied.
 #[derive(Debug, Clone)]
@@ -137,6 +157,8 @@ pub(crate) struct Settings {
     pub secret_key: String,
     pub auth_proxy: bool,
     pub migrate_api_keys: bool,
+    pub rotation_interval_secs: i64,
+    pub skip_rotation_secs: i64,
 }
 
 /// Everything the server tasks and the test hooks share.
@@ -205,6 +227,10 @@ impl GrafanaStub {
             secret_key: options.secret_key,
             auth_proxy: options.auth_proxy,
             migrate_api_keys: options.migrate_api_keys.unwrap_or(options.flavor == Flavor::Pmm),
+            rotation_interval_secs: i64::try_from(options.rotation_interval.as_secs())
+                .unwrap_or(i64::MAX)
+                .max(1),
+            skip_rotation_secs: i64::try_from(options.skip_rotation_if_recent.as_secs()).unwrap_or(i64::MAX),
         };
         let clock = Clock::default();
         let mut store = Store::new();

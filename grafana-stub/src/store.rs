@@ -12,11 +12,22 @@ use crate::credentials::{self, LegacyKey, SaToken};
 pub const ORG_ID: i64 = 1;
 pub const ORG_NAME: &str = "Main Org.";
 
-/// Sessions: rotated every 10 minutes, dead after 7 days without rotation or
-/// 30 days after login (Grafana's defaults).
-pub const ROTATION_INTERVAL_SECS: i64 = 10 * 60;
+/// Sessions die after 7 days without rotation or 30 days after login
+/// (Grafana's `login_maximum_inactive_lifetime_duration` and
+/// `login_maximum_lifetime_duration`). How often they must be rotated is
+/// `StubOptions::rotation_interval` (Grafana's `token_rotation_interval_minutes`).
 pub const MAX_INACTIVE_SECS: i64 = 7 * 86_400;
 pub const MAX_LIFETIME_SECS: i64 = 30 * 86_400;
+
+/// Grafana's `usertoken.UrgentRotateTime`: a token the server has not seen in
+/// use yet (just created or just rotated) must be rotated after one minute.
+/// Also how far `LookupToken` moves `rotated_at` back when a superseded token
+/// turns up after its successor was seen.
+pub const URGENT_ROTATE_SECS: i64 = 60;
+
+/// Grafana's `usertoken.rotationLeeway`: `grafana_session_expiry` (the
+/// frontend's "rotate before this") is the rotation time minus five seconds.
+pub const ROTATION_LEEWAY_SECS: i64 = 5;
 
 /// Brute-force protection: this many failures in the window lock a username.
 pub const MAX_LOGIN_ATTEMPTS: usize = 5;
@@ -113,15 +124,23 @@ impl ApiKey {
     }
 }
 
+/// A row of Grafana's `user_auth_token` table
+/// (`pkg/services/auth/authimpl/auth_token.go`).
 #[derive(Debug, Clone)]
 pub struct Session {
     pub id: i64,
     pub user_id: i64,
+    /// `auth_token`: hash of the current cookie value.
     pub token_hash: String,
+    /// `prev_auth_token`: hash of the value before the last rotation (the
+    /// current one itself until the first rotation, as `CreateToken` writes).
     pub prev_token_hash: String,
+    /// `auth_token_seen`: the current value has been used at least once.
+    pub seen: bool,
+    /// `seen_at`: when the current value was first used (0: not yet).
+    pub seen_at: i64,
     pub created: i64,
     pub rotated_at: i64,
-    pub seen_at: i64,
     pub client_ip: String,
     pub user_agent: String,
 }
@@ -131,15 +150,35 @@ impl Session {
         self.created <= now - MAX_LIFETIME_SECS || self.rotated_at <= now - MAX_INACTIVE_SECS
     }
 
-    pub fn needs_rotation(&self, now: i64) -> bool {
-        self.rotated_at <= now - ROTATION_INTERVAL_SECS
+    /// Grafana's `UserToken.NeedsRotation`: a token seen in use must be
+    /// rotated once `interval` has passed since the last rotation; one never
+    /// seen (the browser did not pick it up) after `URGENT_ROTATE_SECS`.
+    /// Grafana compares Unix seconds with the sub-second clock, which makes
+    /// the boundary second inclusive, as here.
+    pub fn needs_rotation(&self, now: i64, interval_secs: i64) -> bool {
+        let limit = if self.seen {
+            interval_secs
+        } else {
+            URGENT_ROTATE_SECS
+        };
+        self.rotated_at <= now - limit
     }
 
-    /// Value of the `grafana_session_expiry` cookie: when the client should
-    /// rotate next.
-    pub fn next_rotation(&self) -> i64 {
-        self.rotated_at + ROTATION_INTERVAL_SECS
+    /// Value of the `grafana_session_expiry` cookie, Grafana's
+    /// `UserToken.NextRotation`: `rotated_at + interval - 5 s`, in Unix seconds.
+    pub fn next_rotation(&self, interval_secs: i64) -> i64 {
+        self.rotated_at + interval_secs - ROTATION_LEEWAY_SECS
     }
+}
+
+/// Why `LookupToken` found no usable session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupError {
+    /// `auth.ErrUserTokenNotFound`: no row has this hash (revoked sessions
+    /// are deleted, as Grafana's hard revoke does).
+    NotFound,
+    /// `auth.TokenExpiredError` (unwraps to `ErrInvalidSessionToken`).
+    Expired,
 }
 
 #[derive(Debug)]
@@ -445,6 +484,8 @@ impl Store {
 
     // ---- sessions ---------------------------------------------------------
 
+    /// Grafana's `CreateToken`: `prev_auth_token` starts equal to
+    /// `auth_token`, not seen yet.
     pub fn create_session(&mut self, user_id: i64, token_hash: String, ip: &str, ua: &str, now: i64) -> i64 {
         let id = self.next_session_id;
         self.next_session_id += 1;
@@ -453,11 +494,12 @@ impl Store {
             Session {
                 id,
                 user_id,
+                prev_token_hash: token_hash.clone(),
                 token_hash,
-                prev_token_hash: String::new(),
+                seen: false,
+                seen_at: 0,
                 created: now,
                 rotated_at: now,
-                seen_at: now,
                 client_ip: ip.to_owned(),
                 user_agent: ua.to_owned(),
             },
@@ -465,11 +507,71 @@ impl Store {
         id
     }
 
-    /// Grafana's `LookupToken`: the current or the previous token of a session.
-    pub fn session_by_hash(&self, hash: &str) -> Option<&Session> {
-        self.sessions
+    /// Grafana's `LookupToken` (`auth_token.go`), updates included. Returns
+    /// the session as Grafana's caller sees it, which can differ from the
+    /// stored row:
+    ///
+    /// - The row is found by its current *or* previous token hash.
+    /// - The previous token after its successor has been seen in use: the
+    ///   caller's copy is marked unseen with `rotated_at` one minute back,
+    ///   so it "needs rotation" and the request is answered
+    ///   `session.token.rotate`; the row itself gets the same change only
+    ///   when the last rotation is older than a minute (`rotated_at < ?` in
+    ///   the `UPDATE`). So a superseded token is never a session again once
+    ///   its successor has been used — all it can still do is rotate.
+    /// - The previous token while its successor is unseen (the rotate
+    ///   answer is still on its way, concurrent requests): accepted like an
+    ///   unseen token, i.e. until one minute after the rotation.
+    /// - The current token, first use: marked seen, `seen_at` = now.
+    pub fn lookup_token(&mut self, hash: &str, now: i64) -> Result<Session, LookupError> {
+        let id = self
+            .sessions
             .values()
-            .find(|s| s.token_hash == hash || (!s.prev_token_hash.is_empty() && s.prev_token_hash == hash))
+            .find(|s| s.token_hash == hash || s.prev_token_hash == hash)
+            .map(|s| s.id)
+            .ok_or(LookupError::NotFound)?;
+        let row = self.sessions.get_mut(&id).ok_or(LookupError::NotFound)?;
+        if row.expired(now) {
+            return Err(LookupError::Expired);
+        }
+        let mut copy = row.clone();
+        if row.token_hash != hash && row.prev_token_hash == hash && row.seen {
+            let backdated = now - URGENT_ROTATE_SECS;
+            copy.seen = false;
+            copy.rotated_at = backdated;
+            if row.rotated_at < backdated {
+                row.seen = false;
+                row.rotated_at = backdated;
+            }
+        }
+        if !copy.seen && row.token_hash == hash {
+            row.seen = true;
+            row.seen_at = now;
+            copy.seen = true;
+            copy.seen_at = now;
+        }
+        Ok(copy)
+    }
+
+    /// Grafana's `rotateToken`: the stored current token becomes the
+    /// previous one (whichever token the caller presented), the new one is
+    /// unseen, `rotated_at` = now.
+    pub fn rotate_session(
+        &mut self,
+        id: i64,
+        new_hash: String,
+        ip: &str,
+        ua: &str,
+        now: i64,
+    ) -> Option<Session> {
+        let s = self.sessions.get_mut(&id)?;
+        s.prev_token_hash = std::mem::replace(&mut s.token_hash, new_hash);
+        s.seen = false;
+        s.seen_at = 0;
+        s.rotated_at = now;
+        s.client_ip = ip.to_owned();
+        s.user_agent = ua.to_owned();
+        Some(s.clone())
     }
 
     /// Grafana's `RevokeAllUserTokens`: the rows are deleted.
@@ -506,12 +608,84 @@ mod tests {
     #[test]
     fn sessions_expire_and_need_rotation() {
         let mut store = Store::new();
+        let interval = 10 * 60;
         let id = store.create_session(1, "h".into(), "127.0.0.1", "curl", 0);
-        let s = &store.sessions[&id];
-        assert!(!s.needs_rotation(ROTATION_INTERVAL_SECS - 1));
-        assert!(s.needs_rotation(ROTATION_INTERVAL_SECS));
+        let s = store.lookup_token("h", 0).expect("fresh");
+        assert!(s.seen, "first use marks the token seen");
+        assert!(!s.needs_rotation(interval - 1, interval));
+        assert!(s.needs_rotation(interval, interval));
+        assert_eq!(s.next_rotation(interval), interval - ROTATION_LEEWAY_SECS);
         assert!(!s.expired(MAX_INACTIVE_SECS - 1));
         assert!(s.expired(MAX_INACTIVE_SECS));
+        // Never used: urgent rotation after a minute, whatever the interval.
+        store.create_session(1, "u".into(), "127.0.0.1", "curl", 0);
+        let unseen = store.sessions.values().find(|s| s.token_hash == "u").unwrap();
+        assert!(!unseen.needs_rotation(URGENT_ROTATE_SECS - 1, interval));
+        assert!(unseen.needs_rotation(URGENT_ROTATE_SECS, interval));
+        assert!(store.sessions[&id].seen);
+        assert_eq!(store.lookup_token("nope", 0).unwrap_err(), LookupError::NotFound);
+        assert_eq!(
+            store.lookup_token("h", MAX_LIFETIME_SECS).unwrap_err(),
+            LookupError::Expired
+        );
+    }
+
+    #[test]
+    fn previous_token_after_rotation_like_lookup_token() {
+        let interval = 600;
+        let mut store = Store::new();
+        let id = store.create_session(1, "a".into(), "127.0.0.1", "curl", 1000);
+        store.lookup_token("a", 1000).unwrap();
+        // Rotated at 2000: "a" is the previous token, "b" is not seen yet.
+        let rotated = store
+            .rotate_session(id, "b".into(), "127.0.0.1", "curl", 2000)
+            .unwrap();
+        assert_eq!((rotated.prev_token_hash.as_str(), rotated.seen), ("a", false));
+        // While "b" is unseen, "a" still works (the rotate answer may not
+        // have arrived yet), as an unseen token: for a minute.
+        let s = store.lookup_token("a", 2010).unwrap();
+        assert!(!s.needs_rotation(2010, interval));
+        assert!(store
+            .lookup_token("a", 2000 + URGENT_ROTATE_SECS)
+            .unwrap()
+            .needs_rotation(2000 + URGENT_ROTATE_SECS, interval));
+        assert!(
+            !store.sessions[&id].seen,
+            "the previous token never marks the row seen"
+        );
+        // "b" is used: now "a" only gets `session.token.rotate`.
+        assert!(!store
+            .lookup_token("b", 2011)
+            .unwrap()
+            .needs_rotation(2011, interval));
+        let s = store.lookup_token("a", 2012).unwrap();
+        assert!(s.needs_rotation(2012, interval));
+        // Within a minute of the rotation the row itself is left alone...
+        assert_eq!(
+            (store.sessions[&id].seen, store.sessions[&id].rotated_at),
+            (true, 2000)
+        );
+        assert!(!store
+            .lookup_token("b", 2013)
+            .unwrap()
+            .needs_rotation(2013, interval));
+        // ...later it is backdated and marked unseen: "b" is seen again on
+        // its next use and its next rotation comes a minute earlier.
+        let s = store.lookup_token("a", 2100).unwrap();
+        assert!(s.needs_rotation(2100, interval));
+        assert_eq!(
+            (store.sessions[&id].seen, store.sessions[&id].rotated_at),
+            (false, 2100 - URGENT_ROTATE_SECS)
+        );
+        let s = store.lookup_token("b", 2101).unwrap();
+        assert!(s.seen && !s.needs_rotation(2101, interval));
+        assert!(s.needs_rotation(2100 - URGENT_ROTATE_SECS + interval, interval));
+        // Rotating again drops "a" for good: "b" becomes the previous token.
+        store
+            .rotate_session(id, "c".into(), "127.0.0.1", "curl", 2200)
+            .unwrap();
+        assert_eq!(store.lookup_token("a", 2201).unwrap_err(), LookupError::NotFound);
+        assert!(store.lookup_token("b", 2201).is_ok());
     }
 
     #[test]

@@ -395,7 +395,22 @@ async fn sessions_login_rotate_revoke_logout() {
     let orgs = call(&stub, "GET", "/api/user/orgs", &[("cookie", &c1)], None).await;
     assert_eq!(orgs.body[0]["role"], "Admin");
 
-    // Rotation: a new token, and the previous one keeps working.
+    // Rotating again within 5 s of the last rotation (here: the login) is
+    // skipped: 200 and no new cookie (Grafana's SkipRotationTime).
+    let a = call(
+        &stub,
+        "POST",
+        "/api/user/auth-tokens/rotate",
+        &[("cookie", &c1)],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, a.body.to_string()), (200, "{}".to_owned()));
+    assert_eq!(cookie_value(&a.headers, "pmm_session"), None);
+    stub.advance_clock(Duration::from_secs(5));
+
+    // Rotation: a new token. The previous one keeps working until the new
+    // one is seen; after that it can only rotate (Grafana's LookupToken).
     let a = call(
         &stub,
         "POST",
@@ -409,16 +424,21 @@ async fn sessions_login_rotate_revoke_logout() {
     assert_ne!(first, second);
     let c2 = format!("pmm_session={second}");
     assert_eq!(
-        call(&stub, "GET", "/api/user", &[("cookie", &c2)], None)
+        call(&stub, "GET", "/api/user", &[("cookie", &c1)], None)
             .await
             .status,
         200
     );
     assert_eq!(
-        call(&stub, "GET", "/api/user", &[("cookie", &c1)], None)
+        call(&stub, "GET", "/api/user", &[("cookie", &c2)], None)
             .await
             .status,
         200
+    );
+    let a = call(&stub, "GET", "/api/user", &[("cookie", &c1)], None).await;
+    assert_eq!(
+        (a.status, a.body["messageId"].as_str()),
+        (401, Some("session.token.rotate"))
     );
     // Rotation with Basic and no cookie: 401.
     let a = call(
@@ -961,4 +981,148 @@ async fn down_slow_and_stopped() {
     );
     let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
     assert!(closed.is_ok(), "open connections are closed");
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn set_cookie_line<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+}
+
+#[tokio::test]
+async fn rotation_interval_and_the_expiry_cookie() {
+    let stub = GrafanaStub::start_with(StubOptions {
+        flavor: Flavor::Grafana11,
+        rotation_interval: Duration::from_secs(30),
+        ..StubOptions::default()
+    })
+    .await;
+    let before = unix_now();
+    let a = call(
+        &stub,
+        "POST",
+        "/login",
+        &[("content-type", "application/json")],
+        Some(r#"{"user":"admin","password":"admin"}"#),
+    )
+    .await;
+    let after = unix_now();
+    let token = cookie_value(&a.headers, "grafana_session").expect("cookie");
+    // NextRotation: rotated_at + interval - 5 s; readable by scripts.
+    let expiry: i64 = cookie_value(&a.headers, "grafana_session_expiry")
+        .expect("expiry cookie")
+        .parse()
+        .unwrap();
+    assert!((before + 25..=after + 25).contains(&expiry), "{expiry}");
+    let line = set_cookie_line(&a.headers, "grafana_session_expiry").unwrap();
+    assert!(!line.contains("HttpOnly"), "{line}");
+    assert!(
+        line.contains("Path=/;") && line.contains("SameSite=Lax"),
+        "{line}"
+    );
+    let line = set_cookie_line(&a.headers, "grafana_session").unwrap();
+    assert!(
+        line.contains("HttpOnly") && line.contains("Max-Age=2592000"),
+        "{line}"
+    );
+
+    let cookie = format!("grafana_session={token}");
+    let user = |cookie: String| {
+        let stub = &stub;
+        async move { call(stub, "GET", "/api/user", &[("cookie", &cookie)], None).await }
+    };
+    assert_eq!(user(cookie.clone()).await.status, 200);
+    stub.advance_clock(Duration::from_secs(29));
+    assert_eq!(user(cookie.clone()).await.status, 200, "29 s < 30 s");
+    stub.advance_clock(Duration::from_secs(2));
+    let a = user(cookie.clone()).await;
+    assert_eq!(
+        (
+            a.status,
+            a.body["messageId"].as_str(),
+            a.body["statusCode"].as_i64()
+        ),
+        (401, Some("session.token.rotate"), Some(401))
+    );
+    // Not dead: the cookie is kept, and rotation gives a new one.
+    assert_eq!(cookie_value(&a.headers, "grafana_session"), None);
+    let r = call(
+        &stub,
+        "POST",
+        "/api/user/auth-tokens/rotate",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let second = cookie_value(&r.headers, "grafana_session").expect("rotated");
+    let expiry2: i64 = cookie_value(&r.headers, "grafana_session_expiry")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(expiry2 >= expiry + 31, "{expiry} -> {expiry2}");
+    let cookie2 = format!("grafana_session={second}");
+    assert_eq!(user(cookie2.clone()).await.status, 200);
+    // The superseded token, its successor seen: rotate again, not a session.
+    let a = user(cookie.clone()).await;
+    assert_eq!(a.body["messageId"], "session.token.rotate");
+    // A new unseen token must be used within a minute (urgent rotation).
+    stub.advance_clock(Duration::from_secs(31));
+    let r = call(
+        &stub,
+        "POST",
+        "/api/user/auth-tokens/rotate",
+        &[("cookie", &cookie2)],
+        None,
+    )
+    .await;
+    let third = cookie_value(&r.headers, "grafana_session").expect("rotated again");
+    stub.advance_clock(Duration::from_secs(60));
+    let a = user(format!("grafana_session={third}")).await;
+    assert_eq!(a.body["messageId"], "session.token.rotate", "unseen for a minute");
+    // Logging out with a token that needs rotation revokes nothing.
+    let a = call(
+        &stub,
+        "GET",
+        "/logout",
+        &[("cookie", &format!("grafana_session={third}"))],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 302);
+    let r = call(
+        &stub,
+        "POST",
+        "/api/user/auth-tokens/rotate",
+        &[("cookie", &format!("grafana_session={third}"))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "still rotatable: {}", r.body);
+    // Unknown token: 401, cookie kept; no cookie: 401, cookie deleted.
+    let r = call(
+        &stub,
+        "POST",
+        "/api/user/auth-tokens/rotate",
+        &[("cookie", "grafana_session=0123456789abcdef0123456789abcdef")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body.to_string()),
+        (401, r#"{"message":"Unauthorized"}"#.into())
+    );
+    assert_eq!(cookie_value(&r.headers, "grafana_session"), None);
+    let r = call(&stub, "POST", "/api/user/auth-tokens/rotate", &[], None).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(cookie_value(&r.headers, "grafana_session").as_deref(), Some(""));
 }
