@@ -54,6 +54,7 @@ fn identity(i: usize) -> Identity {
         name: format!("Service Account {i}").into(),
         org_id: 1,
         org_role: Role::Viewer,
+        other_orgs: Default::default(),
         grafana_admin: false,
         method: AuthMethod::ServiceToken,
         verified_at_ms: 0,

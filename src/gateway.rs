@@ -12,11 +12,14 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::admin::Metrics;
-use crate::auth::{Credential, CredentialError, Identity, Role, Verifier, VerifyError};
+use crate::auth::org::{self, OrgError};
+use crate::auth::{
+    Credential, CredentialError, DenyReason, GrafanaRefusal, Identity, Role, Verifier, VerifyError,
+};
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, Profile};
 use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, TrustedProxies};
-use crate::revoke::{revocation_for, Revocation};
+use crate::revoke::{ManagementCall, Revocation};
 use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
 
 /// Why a request was answered by the gateway itself.
@@ -26,6 +29,19 @@ pub enum Refusal {
     BadPath(#[from] PathError),
     #[error("bad credential: {0}")]
     BadCredential(#[from] CredentialError),
+    #[error("bad organisation: {0}")]
+    BadOrg(#[from] OrgError),
+    /// The caller is not a member of the organisation the request selects
+    /// (a token or key: not its org).
+    #[error("not a member of organisation {0}")]
+    NotInOrg(i64),
+    /// Grafana's own refusal of a session, passed on unchanged.
+    #[error("refused by Grafana ({})", .0.message_id)]
+    Grafana(GrafanaRefusal),
+    /// A browser page load with a session due for rotation: sent where
+    /// Grafana sends it, to rotate and come back.
+    #[error("session due for rotation")]
+    Rotate { redirect_to: String },
     #[error("no credential")]
     NoCredential,
     #[error("credential refused")]
@@ -46,8 +62,11 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::BadPath(_) => StatusCode::BAD_REQUEST,
+            Refusal::BadPath(_) | Refusal::BadOrg(_) => StatusCode::BAD_REQUEST,
             Refusal::BadCredential(e) if e.is_bad_request() => StatusCode::BAD_REQUEST,
+            Refusal::NotInOrg(_) => StatusCode::FORBIDDEN,
+            Refusal::Grafana(refusal) => refusal.status,
+            Refusal::Rotate { .. } => StatusCode::FOUND,
             Refusal::BadCredential(_) | Refusal::NoCredential | Refusal::Refused => StatusCode::UNAUTHORIZED,
             Refusal::Forbidden => StatusCode::FORBIDDEN,
             Refusal::VerifierUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -61,7 +80,10 @@ impl Refusal {
     pub fn message(&self) -> String {
         match self {
             Refusal::BadPath(e) => format!("Bad request: {e}"),
+            Refusal::BadOrg(e) => format!("Bad request: {e}"),
             Refusal::BadCredential(e) if e.is_bad_request() => format!("Bad request: {e}"),
+            Refusal::NotInOrg(_) => "Permission denied".into(),
+            Refusal::Grafana(_) | Refusal::Rotate { .. } => "Unauthorized".into(),
             Refusal::BadCredential(_) | Refusal::NoCredential | Refusal::Refused => "Unauthorized".into(),
             Refusal::Forbidden => "Permission denied".into(),
             Refusal::VerifierUnavailable(_) => "Authentication service unavailable".into(),
@@ -78,19 +100,33 @@ impl Refusal {
     fn reason(&self) -> Option<String> {
         match self {
             Refusal::BadCredential(e) if !e.is_bad_request() => Some(e.to_string()),
+            Refusal::NotInOrg(_) => Some(self.to_string()),
             _ => None,
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
+        if let Refusal::Grafana(refusal) = self {
+            let mut response = Response::new(Body::whole(refusal.body));
+            *response.status_mut() = refusal.status;
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return response;
+        }
         let mut body = serde_json::json!({ "message": self.message() });
         if let Some(reason) = self.reason() {
             body["reason"] = reason.into();
         }
         let mut response = json_response(self.status(), &body);
-        if let Refusal::Login { redirect_to } = &self {
+        let redirect = match &self {
+            Refusal::Login { redirect_to } => Some(("/login", redirect_to)),
+            Refusal::Rotate { redirect_to } => Some(("/user/auth-tokens/rotate", redirect_to)),
+            _ => None,
+        };
+        if let Some((page, redirect_to)) = redirect {
             let location = format!(
-                "/login?redirectTo={}",
+                "{page}?redirectTo={}",
                 percent_encoding::utf8_percent_encode(redirect_to, percent_encoding::NON_ALPHANUMERIC)
             );
             if let Ok(value) = HeaderValue::from_str(&location) {
@@ -193,9 +229,9 @@ impl InjectedHeaders {
         }
     }
 
-    fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
+    fn inject(&self, headers: &mut HeaderMap, identity: &Identity, org_id: i64) {
         let names = [&self.user, &self.role, &self.email, &self.name, &self.org];
-        for (name, value) in names.into_iter().zip(identity.header_values()) {
+        for (name, value) in names.into_iter().zip(identity.header_values(org_id)) {
             if let Some(value) = value {
                 headers.insert(name.clone(), value);
             }
@@ -328,9 +364,17 @@ impl Gateway {
             .routes
             .lookup(request.method(), host.as_deref(), &path.decoded);
         let credential = Credential::from_headers(request.headers(), &self.session_cookie)?;
+        let requested_org = org::requested(request.headers(), target.query())?;
+        let upstream_path = route.upstream_path(&path.encoded);
+        let call = ManagementCall::recognise(request.method(), &upstream_path);
+        // Grafana's rotation endpoints read the cookie themselves, and a
+        // browser refused there is logged out: no route rule applies.
+        let rotation = call == Some(ManagementCall::RotateSession);
 
         let mut cache_key = None;
-        if route.min_role != Role::None {
+        // The identity the route was judged with, and the org it runs in.
+        let mut judged = None;
+        if route.min_role != Role::None && !rotation {
             let Some(credential) = &credential else {
                 return Err(self.unauthenticated(&request, Refusal::NoCredential));
             };
@@ -343,8 +387,11 @@ impl Gateway {
             outcomes.source = Some(source);
             let identity = match outcome {
                 Outcome::Allowed(identity) => identity,
-                Outcome::Denied(_) => {
-                    let refusal = Refusal::Refused;
+                Outcome::Denied(reason) => {
+                    let refusal = match reason {
+                        DenyReason::Grafana(refusal) => Refusal::Grafana(refusal),
+                        DenyReason::Invalid | DenyReason::Disabled => Refusal::Refused,
+                    };
                     return Err(match credential {
                         Credential::Session { .. } => self.unauthenticated(&request, refusal),
                         _ => refusal,
@@ -356,13 +403,28 @@ impl Gateway {
                 // Resolve only hands out fresh entries; this guards the clock.
                 return Err(Refusal::Refused);
             }
-            if identity.effective_role() < route.min_role {
+            let org_id = requested_org.unwrap_or(identity.org_id);
+            let role = identity.role_in(org_id).ok_or(Refusal::NotInOrg(org_id))?;
+            let role = if identity.grafana_admin {
+                Role::GrafanaAdmin
+            } else {
+                role
+            };
+            if role < route.min_role {
                 return Err(Refusal::Forbidden);
             }
+            judged = Some((identity, org_id));
+        }
+        // A call that revokes the caller's own credentials on a route that
+        // needs none (PMM's `/graph`): learn who calls before forwarding,
+        // while the credential still works. Grafana judges the call itself,
+        // so a failed look-up does not stop it.
+        let mut caller = judged.as_ref().map(|(identity, _)| identity.clone());
+        if caller.is_none() && call.is_some_and(ManagementCall::needs_caller) {
+            caller = Box::pin(self.identify(credential.as_ref())).await;
         }
 
         // Upstream request phase.
-        let upstream_path = route.upstream_path(&path.encoded);
         let base = route.upstream.as_ref().unwrap_or(&self.default_upstream);
         let uri = proxy::upstream_uri(base, &upstream_path, request.uri().query())
             .map_err(|e| Refusal::Internal(e.to_string()))?;
@@ -381,10 +443,12 @@ impl Gateway {
                 headers.insert(header::HOST, h);
             }
         }
-        self.credentials_for_upstream(headers, route, credential.as_ref());
+        self.credentials_for_upstream(headers, route, credential.as_ref(), rotation);
         if route.inject_identity {
-            if let Some(identity) = &outcomes.identity {
-                self.injected.inject(headers, identity);
+            // An account Grafana did not name (a token on 10.4) is no
+            // identity: every such token would become the same user.
+            if let Some((identity, org_id)) = judged.as_ref().filter(|(i, _)| i.is_named()) {
+                self.injected.inject(headers, identity, *org_id);
             }
         }
 
@@ -395,16 +459,37 @@ impl Gateway {
 
         // Response phase: a management call that succeeded may have revoked
         // what the cache holds.
-        if response.status().is_success() || response.status().is_redirection() {
-            let revocations = revocation_for(&method, &upstream_path, outcomes.identity.as_deref());
-            if !revocations.is_empty() {
+        if let Some(call) = call {
+            if response.status().is_success() || response.status().is_redirection() {
                 // Boxed: the rare revoking call should not make every
                 // request's future (moved on each request) larger.
-                Box::pin(self.revoke_after(&revocations, &upstream_path, cache_key, credential.as_ref()))
-                    .await;
+                Box::pin(self.revoke_after(
+                    call,
+                    &method,
+                    &upstream_path,
+                    caller,
+                    cache_key,
+                    credential.as_ref(),
+                ))
+                .await;
             }
         }
         Ok(response)
+    }
+
+    /// Who holds `credential`, from the cache or the verifier; `None` when
+    /// that cannot be told now.
+    async fn identify(&self, credential: Option<&Credential>) -> Option<Arc<Identity>> {
+        let credential = credential?;
+        let key = self.cache.keyer.key(credential);
+        match self.cache.resolve(key, || self.verifier.verify(credential)).await {
+            Ok((Outcome::Allowed(identity), _)) => Some(identity),
+            Ok((Outcome::Denied(_), _)) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot identify the caller of a revoking call");
+                None
+            }
+        }
     }
 
     /// A browser navigating to a UI page is sent to the login page; API
@@ -423,20 +508,30 @@ impl Gateway {
                 .uri()
                 .path_and_query()
                 .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+            // Grafana's own answer to a page load with a token due for
+            // rotation (`pkg/middleware/auth.go`): rotate, then come back.
+            if matches!(&refusal, Refusal::Grafana(r) if r.needs_rotation()) {
+                return Refusal::Rotate { redirect_to };
+            }
             return Refusal::Login { redirect_to };
         }
         refusal
     }
 
+    /// `rotation`: the session cookie goes to Grafana even where the route
+    /// forwards no credential.
     fn credentials_for_upstream(
         &self,
         headers: &mut HeaderMap,
         route: &Route,
         credential: Option<&Credential>,
+        rotation: bool,
     ) {
         if !route.forward_credentials {
             headers.remove(header::AUTHORIZATION);
-            remove_cookie(headers, &self.session_cookie);
+            if !rotation {
+                remove_cookie(headers, &self.session_cookie);
+            }
             return;
         }
         if let Some(rewritten) = credential.and_then(Credential::forwarded_authorization) {
@@ -448,21 +543,33 @@ impl Gateway {
     /// on every replica — before its response goes back to the client.
     async fn revoke_after(
         &self,
-        revocations: &[Revocation],
+        call: ManagementCall,
+        method: &Method,
         path: &str,
+        mut caller: Option<Arc<Identity>>,
         cache_key: Option<CacheKey>,
         credential: Option<&Credential>,
     ) {
+        if caller.is_none() && call.needs_caller() {
+            // The look-up before forwarding failed (Grafana was briefly
+            // away); the call succeeded, so the credential still works.
+            caller = self.identify(credential).await;
+            if caller.is_none() {
+                tracing::warn!(
+                    %method,
+                    path,
+                    "a revoking call succeeded but its caller could not be identified: nothing evicted"
+                );
+            }
+        }
+        let revocations = call.revocations(caller.as_deref());
+        // Logout is an anonymous route: its key was not computed.
+        let caller_key = || cache_key.or_else(|| credential.map(|c| self.cache.keyer.key(c)));
         let mut evictions = Vec::with_capacity(revocations.len());
-        for revocation in revocations {
+        for revocation in &revocations {
             match *revocation {
-                Revocation::Caller => {
-                    // Logout is an anonymous route: its key was not computed.
-                    let key = cache_key.or_else(|| credential.map(|c| self.cache.keyer.key(c)));
-                    if let Some(key) = key {
-                        evictions.push(Eviction::Key(key));
-                    }
-                }
+                Revocation::Caller => evictions.extend(caller_key().map(Eviction::Key)),
+                Revocation::RetireCaller => evictions.extend(caller_key().map(Eviction::Retire)),
                 Revocation::Principal(principal) => evictions.push(Eviction::Principal(principal)),
                 Revocation::Method(m) => evictions.push(Eviction::Method(m)),
             }
@@ -472,6 +579,7 @@ impl Gateway {
             self.cache.invalidate(&evictions).await;
             tracing::info!(
                 ?revocations,
+                %method,
                 path,
                 "invalidated cached credentials after a management call"
             );

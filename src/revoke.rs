@@ -10,88 +10,119 @@ use crate::auth::{AuthMethod, Identity, Principal, PrincipalKind};
 pub enum Revocation {
     /// The credential of the request itself (its own session ended).
     Caller,
+    /// The caller's session token, rotated away from: Grafana still takes
+    /// it for a while, so it is verified on each use instead of cached.
+    RetireCaller,
     /// Every credential of one principal.
     Principal(Principal),
     /// Every credential of one kind (the call does not say whose).
     Method(AuthMethod),
 }
 
-/// Looks at a request that the upstream answered with 2xx. `path` is the
-/// normalised path sent upstream; PMM serves Grafana under `/graph`.
-pub fn revocation_for(method: &Method, path: &str, caller: Option<&Identity>) -> Vec<Revocation> {
-    let path = path
-        .strip_prefix("/graph")
-        .filter(|p| p.starts_with('/'))
-        .unwrap_or(path);
-    // Asked after every successful request: the segments go on the stack.
-    // No pattern below is longer than five, so a longer path matches none.
-    let mut parts = [""; 6];
-    let mut len = 0;
-    for part in path.trim_matches('/').split('/') {
-        let Some(slot) = parts.get_mut(len) else {
-            return Vec::new();
-        };
-        *slot = part;
-        len += 1;
-    }
-    let segments = &parts[..len];
-    let id = |s: &str| s.parse::<i64>().ok();
-    let user = |s: &str| {
-        id(s).map(|id| {
-            Revocation::Principal(Principal {
-                kind: PrincipalKind::User,
-                id,
-            })
-        })
-    };
-    let service_account = |s: &str| {
-        id(s).map(|id| {
-            Revocation::Principal(Principal {
-                kind: PrincipalKind::ServiceAccount,
-                id,
-            })
-        })
-    };
-    let caller_principal = || caller.map(|c| Revocation::Principal(c.principal));
-    let m = method.as_str();
-    let found: Option<Revocation> = match (m, segments) {
-        // Keys: Grafana's key id is never told to us at verification time.
-        ("DELETE", ["api", "auth", "keys", _]) => {
-            return vec![
-                Revocation::Method(AuthMethod::ApiKey),
-                Revocation::Principal(Principal {
-                    kind: PrincipalKind::ApiKey,
-                    id: 0,
-                }),
-            ]
+/// A call that changes what cached identities say, recognised before it is
+/// forwarded (so that the caller can be identified first, even on a route
+/// that needs no credential) and applied after Grafana said 2xx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagementCall {
+    /// `DELETE /api/auth/keys/:id`: Grafana never tells a key's id at
+    /// verification time, so every key goes.
+    DeleteKey,
+    /// Changes or ends one service account or one of its tokens.
+    ServiceAccount(i64),
+    /// Ends the caller's own session (`/logout`).
+    EndSession,
+    /// Rotates the caller's session token. Grafana reads the cookie itself
+    /// and the browser cannot sign in without it, so it reaches Grafana
+    /// whatever the route table says.
+    RotateSession,
+    /// Changes what the caller's own credentials say: one of their sessions
+    /// revoked (which one is in the body), their password, their current org.
+    CallerUser,
+    /// Changes one user, named in the path.
+    User(i64),
+}
+
+impl ManagementCall {
+    /// Recognises a call by method and the normalised path sent upstream;
+    /// PMM serves Grafana under `/graph`.
+    pub fn recognise(method: &Method, path: &str) -> Option<ManagementCall> {
+        let path = path
+            .strip_prefix("/graph")
+            .filter(|p| p.starts_with('/'))
+            .unwrap_or(path);
+        // Asked for every request: the segments go on the stack. No pattern
+        // below is longer than five, so a longer path matches none.
+        let mut parts = [""; 6];
+        let mut len = 0;
+        for part in path.trim_matches('/').split('/') {
+            let slot = parts.get_mut(len)?;
+            *slot = part;
+            len += 1;
         }
-        ("DELETE", ["api", "serviceaccounts", sa]) => service_account(sa),
-        ("PATCH", ["api", "serviceaccounts", sa]) => service_account(sa),
-        ("DELETE", ["api", "serviceaccounts", sa, "tokens", _]) => service_account(sa),
-        ("GET", ["logout"]) | ("GET", ["api", "logout"]) => Some(Revocation::Caller),
-        ("POST", ["api", "user", "auth-tokens", "rotate"]) => Some(Revocation::Caller),
-        // Which session was revoked is in the body; dropping all of the
-        // user's cached credentials is cheap and never wrong.
-        ("POST", ["api", "user", "revoke-auth-token"]) => caller_principal(),
-        ("PUT", ["api", "user", "password"]) => caller_principal(),
-        ("POST", ["api", "admin", "users", u, "logout"])
-        | ("POST", ["api", "admin", "users", u, "revoke-auth-token"])
-        | ("POST", ["api", "admin", "users", u, "disable"])
-        | ("PUT", ["api", "admin", "users", u, "password"])
-        | ("PUT", ["api", "admin", "users", u, "permissions"])
-        | ("DELETE", ["api", "admin", "users", u])
-        | ("PATCH", ["api", "org", "users", u])
-        | ("DELETE", ["api", "org", "users", u])
-        | ("PATCH", ["api", "orgs", _, "users", u])
-        | ("DELETE", ["api", "orgs", _, "users", u]) => user(u),
-        _ => None,
-    };
-    found.into_iter().collect()
+        let id = |s: &str| s.parse::<i64>().ok();
+        use ManagementCall as C;
+        match (method.as_str(), &parts[..len]) {
+            ("DELETE", ["api", "auth", "keys", _]) => Some(C::DeleteKey),
+            ("DELETE", ["api", "serviceaccounts", sa])
+            | ("PATCH", ["api", "serviceaccounts", sa])
+            | ("DELETE", ["api", "serviceaccounts", sa, "tokens", _]) => id(sa).map(C::ServiceAccount),
+            ("GET", ["logout"]) | ("GET", ["api", "logout"]) => Some(C::EndSession),
+            // The frontend's call, and the page redirect Grafana sends a
+            // browser to when a page load finds the token due.
+            ("POST", ["api", "user", "auth-tokens", "rotate"])
+            | ("GET", ["user", "auth-tokens", "rotate"]) => Some(C::RotateSession),
+            ("POST", ["api", "user", "revoke-auth-token"])
+            | ("PUT", ["api", "user", "password"])
+            | ("POST", ["api", "user", "using", _]) => Some(C::CallerUser),
+            ("POST", ["api", "admin", "users", u, "logout"])
+            | ("POST", ["api", "admin", "users", u, "revoke-auth-token"])
+            | ("POST", ["api", "admin", "users", u, "disable"])
+            | ("PUT", ["api", "admin", "users", u, "password"])
+            | ("PUT", ["api", "admin", "users", u, "permissions"])
+            | ("DELETE", ["api", "admin", "users", u])
+            | ("PATCH", ["api", "org", "users", u])
+            | ("DELETE", ["api", "org", "users", u])
+            | ("PATCH", ["api", "orgs", _, "users", u])
+            | ("DELETE", ["api", "orgs", _, "users", u]) => id(u).map(C::User),
+            _ => None,
+        }
+    }
+
+    /// Whether what the call revokes depends on who is calling.
+    pub fn needs_caller(self) -> bool {
+        self == ManagementCall::CallerUser
+    }
+
+    /// What a 2xx answer to the call revokes. `caller` is who made it, when
+    /// known; without it a caller-scoped call revokes nothing it can name.
+    pub fn revocations(self, caller: Option<&Identity>) -> Vec<Revocation> {
+        let principal = |kind, id| Revocation::Principal(Principal { kind, id });
+        match self {
+            ManagementCall::DeleteKey => vec![
+                Revocation::Method(AuthMethod::ApiKey),
+                principal(PrincipalKind::ApiKey, 0),
+            ],
+            ManagementCall::ServiceAccount(id) => vec![principal(PrincipalKind::ServiceAccount, id)],
+            ManagementCall::EndSession => vec![Revocation::Caller],
+            ManagementCall::RotateSession => vec![Revocation::RetireCaller],
+            // Dropping all of the user's cached credentials is cheap and
+            // never wrong.
+            ManagementCall::CallerUser => caller
+                .map(|c| Revocation::Principal(c.principal))
+                .into_iter()
+                .collect(),
+            ManagementCall::User(id) => vec![principal(PrincipalKind::User, id)],
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn revocation_for(method: &Method, path: &str, caller: Option<&Identity>) -> Vec<Revocation> {
+        ManagementCall::recognise(method, path).map_or_else(Vec::new, |call| call.revocations(caller))
+    }
 
     #[test]
     fn table() {
@@ -122,6 +153,22 @@ mod tests {
             })]
         );
         assert!(revocation_for(&Method::GET, "/api/serviceaccounts/7", None).is_empty());
+        assert_eq!(
+            ManagementCall::recognise(&Method::POST, "/graph/api/user/auth-tokens/rotate"),
+            Some(ManagementCall::RotateSession)
+        );
+        assert_eq!(
+            ManagementCall::recognise(&Method::GET, "/user/auth-tokens/rotate"),
+            Some(ManagementCall::RotateSession)
+        );
+        assert!(
+            ManagementCall::recognise(&Method::POST, "/graph/api/user/revoke-auth-token")
+                .is_some_and(ManagementCall::needs_caller)
+        );
+        assert_eq!(
+            revocation_for(&Method::PUT, "/graph/api/user/password", None),
+            vec![]
+        );
         assert!(revocation_for(&Method::DELETE, "/api/serviceaccounts/x", None).is_empty());
         assert!(revocation_for(&Method::DELETE, "/api/serviceaccounts/7/tokens/3/x/y", None).is_empty());
         assert_eq!(

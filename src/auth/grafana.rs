@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{
-    AuthMethod, Credential, DenyReason, Identity, IdentityRecord, Principal, PrincipalKind, Role, Verdict,
-    VerifyError,
+    AuthMethod, Credential, DenyReason, GrafanaRefusal, Identity, IdentityRecord, OrgRole, Principal,
+    PrincipalKind, Role, Verdict, VerifyError,
 };
 use crate::config::{Config, GrafanaFlavor};
 use crate::upstream::{self, Connector};
@@ -36,6 +36,7 @@ pub struct GrafanaVerifier {
     default_role: Role,
     session_cookie: String,
     warned_default_role: AtomicBool,
+    warned_unnamed: AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -85,7 +86,8 @@ struct Org {
 /// Grafana's answer to one identity call.
 enum Answer<T> {
     Ok(T),
-    Refused,
+    /// 401, with Grafana's own answer when it names a `messageId`.
+    Refused(Option<GrafanaRefusal>),
     NotFound,
     /// 403 on an endpoint the token may not use (vanilla: users only).
     Forbidden,
@@ -113,6 +115,12 @@ impl GrafanaVerifier {
             }
             None => None,
         };
+        if config.auth.grafana.flavor == GrafanaFlavor::Vanilla && admin_authorization.is_none() {
+            tracing::warn!(
+                "auth.grafana.admin_token_file is not set: the roles of service-account tokens cannot be read \
+                 from vanilla Grafana, so tokens are judged as auth.grafana.token_default_role"
+            );
+        }
         let flavor = match config.auth.grafana.flavor {
             GrafanaFlavor::Auto => FLAVOR_UNKNOWN,
             GrafanaFlavor::Pmm => FLAVOR_PMM,
@@ -127,6 +135,7 @@ impl GrafanaVerifier {
             default_role: config.auth.grafana.token_default_role,
             session_cookie: config.auth.session_cookie.clone(),
             warned_default_role: AtomicBool::new(false),
+            warned_unnamed: AtomicBool::new(false),
         })
     }
 
@@ -172,7 +181,12 @@ impl GrafanaVerifier {
     ) -> Result<Verdict, VerifyError> {
         let user: GrafanaUser = match self.get("/api/user", presented).await? {
             Answer::Ok(u) => u,
-            Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
+            // The browser's frontend acts on Grafana's own answer (a session
+            // due for rotation); every other refusal gets the plain one.
+            Answer::Refused(Some(refusal)) if method == AuthMethod::Session => {
+                return Ok(Verdict::Denied(DenyReason::Grafana(refusal)))
+            }
+            Answer::Refused(_) | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
             Answer::NotFound => {
                 return Err(VerifyError::Upstream {
                     status: 404,
@@ -185,7 +199,7 @@ impl GrafanaVerifier {
         }
         let orgs: Vec<UserOrg> = match self.get("/api/user/orgs", presented).await? {
             Answer::Ok(o) => o,
-            Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
+            Answer::Refused(_) | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
             Answer::NotFound => {
                 return Err(VerifyError::Upstream {
                     status: 404,
@@ -197,19 +211,30 @@ impl GrafanaVerifier {
             .iter()
             .find(|o| o.org_id == user.org_id)
             .map_or(Role::None, |o| Role::from_grafana(&o.role));
-        Ok(Verdict::Allowed(identity(
-            Principal {
+        let other_orgs: Vec<OrgRole> = orgs
+            .iter()
+            .filter(|o| o.org_id != user.org_id)
+            .map(|o| OrgRole {
+                org_id: o.org_id,
+                role: Role::from_grafana(&o.role),
+            })
+            .collect();
+        Ok(Verdict::Allowed(Box::new(Identity::from(IdentityRecord {
+            principal: Principal {
                 kind: PrincipalKind::User,
                 id: user.id,
             },
-            user.login,
-            user.email,
-            user.name,
-            user.org_id,
+            login: user.login.into(),
+            email: user.email.into(),
+            name: user.name.into(),
+            org_id: user.org_id,
             org_role,
-            user.is_grafana_admin,
+            other_orgs: other_orgs.into(),
+            grafana_admin: user.is_grafana_admin,
             method,
-        )))
+            verified_at_ms: 0,
+            expires_at_ms: 0,
+        }))))
     }
 
     /// Tokens and keys: PMM names the service account in one call; vanilla
@@ -254,7 +279,7 @@ impl GrafanaVerifier {
                 // A valid credential that is not a service account (a legacy
                 // key on an older PMM): learn what vanilla Grafana tells.
                 Answer::Ok(None) => {}
-                Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
+                Answer::Refused(_) | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
                 Answer::NotFound => {
                     if self.flavor.swap(FLAVOR_VANILLA, Ordering::Relaxed) != FLAVOR_VANILLA {
                         tracing::info!(
@@ -280,23 +305,32 @@ impl GrafanaVerifier {
                     user.org_id,
                 )
             }
-            Answer::Refused => return Ok(Verdict::Denied(DenyReason::Invalid)),
+            Answer::Refused(_) => return Ok(Verdict::Denied(DenyReason::Invalid)),
             // 10.4 refuses tokens there; `/api/org` still proves validity.
             Answer::Forbidden | Answer::NotFound => match self.get::<Org>("/api/org", presented).await? {
-                Answer::Ok(org) => (
-                    Principal {
-                        kind: if method == AuthMethod::ApiKey {
-                            PrincipalKind::ApiKey
-                        } else {
-                            PrincipalKind::ServiceAccount
+                Answer::Ok(org) => {
+                    if !self.warned_unnamed.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "this Grafana does not name the account behind a token (10.4): tokens and keys are \
+                             forwarded with their credential only, never as an identity, and judged against \
+                             routes as auth.grafana.token_default_role"
+                        );
+                    }
+                    (
+                        Principal {
+                            kind: if method == AuthMethod::ApiKey {
+                                PrincipalKind::ApiKey
+                            } else {
+                                PrincipalKind::ServiceAccount
+                            },
+                            id: 0,
                         },
-                        id: 0,
-                    },
-                    String::from("service-account"),
-                    String::new(),
-                    org.id,
-                ),
-                Answer::Refused | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
+                        String::from("service-account"),
+                        String::new(),
+                        org.id,
+                    )
+                }
+                Answer::Refused(_) | Answer::Forbidden => return Ok(Verdict::Denied(DenyReason::Invalid)),
                 Answer::NotFound => {
                     return Err(VerifyError::Upstream {
                         status: 404,
@@ -404,7 +438,14 @@ impl GrafanaVerifier {
             .map_err(|e| VerifyError::Unreachable(error_chain(&e)))?;
         let status = response.status();
         match status {
-            StatusCode::UNAUTHORIZED => return Ok(Answer::Refused),
+            StatusCode::UNAUTHORIZED => {
+                let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Ok(Answer::Refused(grafana_refusal(status, body)));
+            }
             StatusCode::FORBIDDEN => return Ok(Answer::Forbidden),
             StatusCode::NOT_FOUND => return Ok(Answer::NotFound),
             s if s.is_success() => {}
@@ -429,6 +470,21 @@ impl GrafanaVerifier {
     }
 }
 
+/// Grafana's 401 as its frontend reads it: a JSON object with a `messageId`.
+fn grafana_refusal(status: StatusCode, body: Bytes) -> Option<GrafanaRefusal> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Authn {
+        message_id: String,
+    }
+    let authn: Authn = serde_json::from_slice(&body).ok()?;
+    (!authn.message_id.is_empty()).then(|| GrafanaRefusal {
+        status,
+        body,
+        message_id: authn.message_id.into_boxed_str(),
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn identity(
     principal: Principal,
@@ -447,6 +503,7 @@ fn identity(
         name: name.into(),
         org_id,
         org_role,
+        other_orgs: Default::default(),
         grafana_admin,
         method,
         verified_at_ms: 0,

@@ -87,6 +87,13 @@ pub struct Principal {
     pub id: i64,
 }
 
+/// A user's role in one organisation other than its current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgRole {
+    pub org_id: i64,
+    pub role: Role,
+}
+
 /// How the request proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AuthMethod {
@@ -125,6 +132,9 @@ pub struct Identity {
     email_end: usize,
     /// Role in the current org.
     pub org_role: Role,
+    /// Memberships besides the current org: empty for most users (no
+    /// allocation) and always for tokens and keys, which have one org.
+    other_orgs: Box<[OrgRole]>,
     pub grafana_admin: bool,
     pub method: AuthMethod,
 }
@@ -142,6 +152,9 @@ pub struct IdentityRecord<'a> {
     pub name: Cow<'a, str>,
     pub org_id: i64,
     pub org_role: Role,
+    /// Every other org the user belongs to (absent in older entries).
+    #[serde(default, skip_serializing_if = "<[OrgRole]>::is_empty")]
+    pub other_orgs: Cow<'a, [OrgRole]>,
     pub grafana_admin: bool,
     pub method: AuthMethod,
     pub verified_at_ms: u64,
@@ -165,6 +178,12 @@ impl From<IdentityRecord<'_>> for Identity {
             login_end,
             email_end,
             org_role: record.org_role,
+            other_orgs: record
+                .other_orgs
+                .iter()
+                .filter(|o| o.org_id != record.org_id)
+                .copied()
+                .collect(),
             grafana_admin: record.grafana_admin,
             method: record.method,
         }
@@ -218,6 +237,7 @@ impl Identity {
             name: Cow::Borrowed(self.name()),
             org_id: self.org_id,
             org_role: self.org_role,
+            other_orgs: Cow::Borrowed(&self.other_orgs),
             grafana_admin: self.grafana_admin,
             method: self.method,
             verified_at_ms: self.verified_at_ms,
@@ -235,6 +255,30 @@ impl Identity {
         }
     }
 
+    /// The role in `org_id`; `None` when the holder is not a member (a token
+    /// or key belongs to its one org only).
+    pub fn role_in(&self, org_id: i64) -> Option<Role> {
+        if org_id == self.org_id {
+            return Some(self.org_role);
+        }
+        self.other_orgs
+            .iter()
+            .find(|o| o.org_id == org_id)
+            .map(|o| o.role)
+    }
+
+    /// Whether the user belongs to more than one org.
+    pub fn is_multi_org(&self) -> bool {
+        !self.other_orgs.is_empty()
+    }
+
+    /// Whether Grafana named the account behind the credential. Vanilla
+    /// Grafana 10.4 does not for a token (`/api/user` refuses it), so every
+    /// such token looks the same and must not be turned into one identity.
+    pub fn is_named(&self) -> bool {
+        self.principal.id != 0
+    }
+
     pub fn is_fresh(&self, now_ms: u64) -> bool {
         now_ms < self.expires_at_ms
     }
@@ -250,7 +294,9 @@ impl Identity {
     /// Values of the identity headers (user, role, email, name, org), made per
     /// request: keeping them ready would double the memory of every cached
     /// identity for a saving of a few small copies.
-    pub fn header_values(&self) -> [Option<HeaderValue>; 5] {
+    /// `org_id` is the org the request runs in (the current one unless the
+    /// request selected another).
+    pub fn header_values(&self, org_id: i64) -> [Option<HeaderValue>; 5] {
         let text = |s: &str| {
             (!s.is_empty())
                 .then(|| HeaderValue::from_bytes(s.as_bytes()).ok())
@@ -259,10 +305,12 @@ impl Identity {
         [
             text(self.login()),
             // Grafana's auth proxy takes org roles only.
-            Some(HeaderValue::from_static(self.org_role.as_str())),
+            Some(HeaderValue::from_static(
+                self.role_in(org_id).unwrap_or(Role::None).as_str(),
+            )),
             text(self.email()),
             text(self.name()),
-            Some(HeaderValue::from(self.org_id)),
+            Some(HeaderValue::from(org_id)),
         ]
     }
 
@@ -298,6 +346,11 @@ mod tests {
             name: "Zoë \"Z\" Ñandú".into(),
             org_id: 2,
             org_role: Role::Editor,
+            other_orgs: vec![OrgRole {
+                org_id: 5,
+                role: Role::Viewer,
+            }]
+            .into(),
             grafana_admin: true,
             method: AuthMethod::Session,
             verified_at_ms: 5,

@@ -4,20 +4,50 @@
 pub mod credential;
 pub mod grafana;
 pub mod identity;
+pub mod org;
 pub mod static_users;
 
 pub use credential::{Credential, CredentialError, CredentialKind};
-pub use identity::{AuthMethod, Identity, IdentityRecord, Principal, PrincipalKind, Role};
+pub use identity::{AuthMethod, Identity, IdentityRecord, OrgRole, Principal, PrincipalKind, Role};
 
 use crate::config::{Config, VerifierKind};
 
-/// Why a credential was refused. Cached (briefly) like an identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Why a credential was refused. Cached (briefly) like an identity, except
+/// for [`DenyReason::Grafana`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DenyReason {
     /// The upstream said the credential is not valid.
     Invalid,
     /// The account exists but is disabled.
     Disabled,
+    /// Grafana refused a session with an answer its frontend acts on (a
+    /// `messageId` such as `session.token.rotate`): that answer goes back to
+    /// the client unchanged, and is never cached — the same cookie may be
+    /// good again a moment later, once the browser has rotated it.
+    Grafana(GrafanaRefusal),
+}
+
+impl DenyReason {
+    /// Whether this refusal may be remembered for `cache.negative_ttl`.
+    pub fn is_cacheable(&self) -> bool {
+        !matches!(self, DenyReason::Grafana(_))
+    }
+}
+
+/// Grafana's own refusal: its status and JSON body, byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrafanaRefusal {
+    pub status: http::StatusCode,
+    pub body: bytes::Bytes,
+    /// The `messageId`, already read from `body`.
+    pub message_id: Box<str>,
+}
+
+impl GrafanaRefusal {
+    /// `authn.ErrTokenNeedsRotation`: the session is good once rotated.
+    pub fn needs_rotation(&self) -> bool {
+        &*self.message_id == "session.token.rotate"
+    }
 }
 
 /// The verifier's answer for a well-formed credential.

@@ -61,6 +61,7 @@ impl StaticVerifier {
             name: user.name.as_str().into(),
             org_id: 1,
             org_role: user.role,
+            other_orgs: Default::default(),
             grafana_admin: user.grafana_admin,
             method,
             verified_at_ms: 0,

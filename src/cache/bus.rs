@@ -39,6 +39,8 @@ enum Wire {
     Principal(Principal),
     #[serde(rename = "method")]
     Method(AuthMethod),
+    #[serde(rename = "retire")]
+    Retire(String),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -56,6 +58,7 @@ pub(super) fn encode(id: &str, evictions: &[Eviction]) -> String {
                 Eviction::Key(k) => Wire::Key(k.to_hex()),
                 Eviction::Principal(p) => Wire::Principal(*p),
                 Eviction::Method(m) => Wire::Method(*m),
+                Eviction::Retire(k) => Wire::Retire(k.to_hex()),
             })
             .collect(),
     };
@@ -72,6 +75,7 @@ fn decode(text: &[u8]) -> Option<(String, Vec<Eviction>)> {
                 Wire::Key(hex) => Eviction::Key(CacheKey::from_hex(&hex)?),
                 Wire::Principal(p) => Eviction::Principal(p),
                 Wire::Method(m) => Eviction::Method(m),
+                Wire::Retire(hex) => Eviction::Retire(CacheKey::from_hex(&hex)?),
             })
         })
         .collect();

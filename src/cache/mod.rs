@@ -30,6 +30,19 @@ use crate::config::CacheConfig;
 
 type Flight = Arc<OnceCell<Result<Outcome, VerifyError>>>;
 
+/// The cacheable form of a verifier's answer, its TTL stamped from now.
+fn outcome_of(verdict: Verdict, ttl: Duration) -> Outcome {
+    match verdict {
+        Verdict::Allowed(mut identity) => {
+            // A verifier may know the credential's own expiry.
+            let own_expiry = (identity.expires_at_ms > 0).then_some(identity.expires_at_ms);
+            identity.stamp(ttl, own_expiry);
+            Outcome::Allowed(Arc::new(*identity))
+        }
+        Verdict::Denied(reason) => Outcome::Denied(reason),
+    }
+}
+
 /// How a lookup was answered, for metrics and the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -49,7 +62,19 @@ pub enum Eviction {
     Principal(Principal),
     /// Every credential that authenticated one way.
     Method(AuthMethod),
+    /// A session token its holder has just rotated away from: dropped, and
+    /// for [`RETIRED_FOR`] verified on every use and never cached, because
+    /// Grafana accepts a previous token only for a while after the rotation
+    /// and the gateway cannot know for how long.
+    Retire(CacheKey),
 }
+
+/// How long a rotated-away session token stays uncacheable. Grafana keeps a
+/// previous token for at most one rotation interval (10 minutes by default);
+/// an hour covers intervals raised well past that.
+pub const RETIRED_FOR: Duration = Duration::from_secs(3600);
+/// Bound on remembered retired tokens: a full set forgets its oldest half.
+const MAX_RETIRED: usize = 65_536;
 
 pub struct Cache {
     pub keyer: Keyer,
@@ -70,6 +95,8 @@ pub struct Cache {
     waiters: DashMap<String, watch::Sender<usize>>,
     instance: String,
     next_message: AtomicU64,
+    /// Rotated-away session tokens and until when (ms) they stay uncached.
+    retired: DashMap<CacheKey, u64>,
 }
 
 #[derive(Default)]
@@ -95,6 +122,7 @@ impl Cache {
             waiters: DashMap::new(),
             instance: hex::encode(rand::random::<[u8; 8]>()),
             next_message: AtomicU64::new(0),
+            retired: DashMap::new(),
         }
     }
 
@@ -153,6 +181,11 @@ impl Cache {
                     return Ok(outcome);
                 }
                 let generation = self.generation.load(Ordering::SeqCst);
+                if self.is_retired(&key) {
+                    source = Source::Verifier;
+                    self.stats.verifications.fetch_add(1, Ordering::Relaxed);
+                    return Ok(outcome_of(verify().await?, self.ttl));
+                }
                 if let Some(shared) = &self.shared {
                     if let Some(identity) = shared.get(&key).await {
                         source = Source::Shared;
@@ -182,23 +215,46 @@ impl Cache {
 
     fn store(&self, key: CacheKey, verdict: Verdict, generation: u64) -> Outcome {
         let now = now_ms();
-        let (outcome, expires_at_ms) = match verdict {
-            Verdict::Allowed(mut identity) => {
-                // A verifier may know the credential's own expiry.
-                let own_expiry = (identity.expires_at_ms > 0).then_some(identity.expires_at_ms);
-                identity.stamp(self.ttl, own_expiry);
-                let expires = identity.expires_at_ms;
-                (Outcome::Allowed(Arc::new(*identity)), expires)
+        let outcome = outcome_of(verdict, self.ttl);
+        let expires_at_ms = match &outcome {
+            Outcome::Allowed(identity) => identity.expires_at_ms,
+            Outcome::Denied(reason) if reason.is_cacheable() => {
+                now.saturating_add(self.negative_ttl.as_millis() as u64)
             }
-            Verdict::Denied(reason) => (
-                Outcome::Denied(reason),
-                now.saturating_add(self.negative_ttl.as_millis() as u64),
-            ),
+            Outcome::Denied(_) => 0,
         };
         if expires_at_ms > now {
             self.insert_if_current(key, outcome.clone(), expires_at_ms, generation);
         }
         outcome
+    }
+
+    fn is_retired(&self, key: &CacheKey) -> bool {
+        if self.retired.is_empty() {
+            return false;
+        }
+        let now = now_ms();
+        match self.retired.get(key).map(|until| *until) {
+            Some(until) if now < until => true,
+            Some(_) => {
+                self.retired.remove_if(key, |_, until| *until <= now);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn retire(&self, key: CacheKey) {
+        let now = now_ms();
+        if self.retired.len() >= MAX_RETIRED {
+            self.retired.retain(|_, until| *until > now);
+            if self.retired.len() >= MAX_RETIRED {
+                let cutoff = now.saturating_add(RETIRED_FOR.as_millis() as u64 / 2);
+                self.retired.retain(|_, until| *until > cutoff);
+            }
+        }
+        self.retired
+            .insert(key, now.saturating_add(RETIRED_FOR.as_millis() as u64));
     }
 
     /// Caches an answer obtained under `generation` unless an eviction came
@@ -223,6 +279,10 @@ impl Cache {
             .iter()
             .map(|eviction| match *eviction {
                 Eviction::Key(key) => usize::from(self.local.remove(&key)),
+                Eviction::Retire(key) => {
+                    self.retire(key);
+                    usize::from(self.local.remove(&key))
+                }
                 Eviction::Principal(principal) => self
                     .local
                     .remove_matching(|p, _| {

@@ -604,7 +604,7 @@ impl Shared {
         let mut indexes = Vec::new();
         for eviction in evictions {
             match eviction {
-                Eviction::Key(k) => direct.push(self.key(k)),
+                Eviction::Key(k) | Eviction::Retire(k) => direct.push(self.key(k)),
                 Eviction::Principal(p) if p.id == 0 => indexes.push(self.kind_index(p.kind)),
                 Eviction::Principal(p) => {
                     indexes.push(self.principal_index(p));

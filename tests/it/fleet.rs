@@ -797,6 +797,7 @@ async fn caches_share_and_evict(config: portcullis::config::CacheConfig) {
         name: "seven".into(),
         org_id: 1,
         org_role: Role::Viewer,
+        other_orgs: Default::default(),
         grafana_admin: false,
         method: AuthMethod::ServiceToken,
         verified_at_ms: 0,
