@@ -87,12 +87,17 @@ impl Req {
     }
 
     fn query_param(&self, name: &str) -> Option<String> {
+        self.raw_query_param(name).map(|v| v.replace('+', " "))
+    }
+
+    /// The first value of a query parameter, as sent (still escaped).
+    fn raw_query_param(&self, name: &str) -> Option<&str> {
         self.query
             .as_deref()?
             .split('&')
             .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
             .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.replace('+', " "))
+            .map(|(_, v)| v)
     }
 
     /// Grafana's `web.RemoteAddr`: the first forwarded address, else the peer.
@@ -127,6 +132,10 @@ fn is_identity_endpoint(method: &Method, path: &str) -> bool {
     }
 }
 
+/// `verifications` counts the identity endpoints at their un-prefixed
+/// spelling only: that is how a gateway asks Grafana who a credential is.
+/// The sub-path spelling (`/graph/api/user`) is what browsers call through
+/// the proxy; `calls("/graph/api/user")` counts those.
 fn count(shared: &Shared, method: &Method, path: &str) {
     if is_identity_endpoint(method, path) {
         shared.verifications.fetch_add(1, Ordering::SeqCst);
@@ -184,13 +193,14 @@ const EXPIRY_COOKIE: &str = "grafana_session_expiry";
 /// but readable by scripts. Go's `http.Cookie` writes them in this order.
 fn session_cookies(shared: &Shared, token: &str, session: &Session) -> Vec<String> {
     let max_age = store::MAX_LIFETIME_SECS;
+    let path = shared.settings.cookie_path();
     vec![
         format!(
-            "{}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax",
+            "{}={token}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Lax",
             shared.settings.session_cookie
         ),
         format!(
-            "{EXPIRY_COOKIE}={}; Path=/; Max-Age={max_age}; SameSite=Lax",
+            "{EXPIRY_COOKIE}={}; Path={path}; Max-Age={max_age}; SameSite=Lax",
             session.next_rotation(shared.settings.rotation_interval_secs)
         ),
     ]
@@ -199,12 +209,13 @@ fn session_cookies(shared: &Shared, token: &str, session: &Session) -> Vec<Strin
 /// Grafana's `authn.DeleteSessionCookie`: both cookies, `MaxAge: -1`, which
 /// Go writes as `Max-Age=0`.
 fn clear_cookies(shared: &Shared) -> Vec<String> {
+    let path = shared.settings.cookie_path();
     vec![
         format!(
-            "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax",
+            "{}=; Path={path}; Max-Age=0; HttpOnly; SameSite=Lax",
             shared.settings.session_cookie
         ),
-        format!("{EXPIRY_COOKIE}=; Path=/; Max-Age=0; SameSite=Lax"),
+        format!("{EXPIRY_COOKIE}=; Path={path}; Max-Age=0; SameSite=Lax"),
     ]
 }
 
@@ -475,9 +486,25 @@ fn api_route(method: &Method, segs: &[&str], flavor: Flavor) -> Option<Api> {
     })
 }
 
+/// The path as Grafana's router sees it, and whether it came under the sub
+/// path. Grafana (`serve_from_sub_path`) trims the prefix when present and
+/// routes the rest, so both spellings reach the same handlers; the prefix is
+/// only trimmed at a segment boundary here (`/graphite` is not Grafana's).
+fn grafana_path<'a>(sub_path: &str, path: &'a str) -> (bool, &'a str) {
+    if sub_path.is_empty() {
+        return (false, path);
+    }
+    match path.strip_prefix(sub_path) {
+        Some("") => (true, "/"),
+        Some(rest) if rest.starts_with('/') => (true, rest),
+        _ => (false, path),
+    }
+}
+
 async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
     let flavor = shared.settings.flavor;
-    let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    let (_under_sub_path, path) = grafana_path(&shared.settings.sub_path, &req.path);
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (&req.method, segs.as_slice()) {
         (&Method::GET, ["api", "health"]) => ok(json!({
             "commit": "grafana-stub",
@@ -489,6 +516,7 @@ async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, Api
         (&Method::GET, ["logout"]) => logout(shared, req).await,
         // Outside the signed-in middleware in Grafana: the cookie decides.
         (&Method::POST, ["api", "user", "auth-tokens", "rotate"]) => rotate(shared, req),
+        (&Method::GET, ["user", "auth-tokens", "rotate"]) => Ok(rotate_redirect(shared, req)),
         (_, ["api", rest @ ..]) => {
             let api = api_route(&req.method, rest, flavor).ok_or_else(not_found)?;
             let caller = auth::authenticate(shared, &req.headers, req.peer)
@@ -496,14 +524,137 @@ async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, Api
                 .ok_or_else(ApiError::unauthorized)?;
             api_call(shared, req, &caller, api).await
         }
-        (&Method::GET, ["v1", "version"] | ["v1", "server", "version"]) if flavor == Flavor::Pmm => {
+        (&Method::GET, ["v1", "version"] | ["v1", "server", "version"])
+            if flavor == Flavor::Pmm && path == req.path =>
+        {
             // pmm-managed does no authentication of its own: the front door does.
             ok(pmm_version())
         }
-        // Everything else — pmm-managed's `/v1/…`, `/graph`, `/prometheus`,
-        // `/victoriametrics`, `/swagger`, `/ping`, `/__stub/echo/…` and
-        // Grafana's pages — echoes, so tests see exactly what was forwarded.
+        // Everything else — pmm-managed's `/v1/…`, the rest of `/graph`,
+        // `/prometheus`, `/victoriametrics`, `/swagger`, `/ping`,
+        // `/__stub/echo/…` — echoes, so tests see exactly what was forwarded.
         _ => ok(echo(req)),
+    }
+}
+
+/// A `302 Found` to `location`.
+fn redirect(location: &str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::FOUND;
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(LOCATION, value);
+    }
+    response
+}
+
+#[allow(dead_code)] // used by the UI pages
+/// Go's `url.QueryEscape`: unreserved bytes stay, space becomes `+`, the
+/// rest `%XX` (upper case).
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(char::from(b)),
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Go's `url.QueryUnescape` (lenient: a bad escape is kept as it is).
+fn query_unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b, hex) {
+            (b'+', _) => out.push(b' '),
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 2;
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[allow(dead_code)] // used by the UI pages
+/// Grafana's `getRedirectToQueryParam` (`pkg/middleware/auth.go`): the
+/// request URI without the sub path, `forceLogin=true` removed, as
+/// `?redirectTo=<QueryEscape>`; nothing for `/`.
+fn redirect_to_param(shared: &Shared, req: &Req) -> String {
+    let mut uri = req.path.clone();
+    if let Some(q) = &req.query {
+        uri.push('?');
+        uri.push_str(q);
+    }
+    let sub = &shared.settings.sub_path;
+    let mut redirect_to = match uri.strip_prefix(sub.as_str()) {
+        Some(rest) if !sub.is_empty() => rest.to_owned(),
+        _ => uri,
+    };
+    if redirect_to == "/" {
+        return String::new();
+    }
+    for pattern in ["&forceLogin=true", "forceLogin=true"] {
+        redirect_to = redirect_to.replace(pattern, "");
+    }
+    format!("?redirectTo={}", query_escape(&redirect_to))
+}
+
+/// Grafana's `ValidateRedirectTo` (`pkg/api/login.go`): a local path with
+/// one leading slash, under the sub path when there is one.
+fn valid_redirect(shared: &Shared, to: &str) -> bool {
+    let path = to.split(['?', '#']).next().unwrap_or("");
+    let sub = &shared.settings.sub_path;
+    path.starts_with('/')
+        && !path.starts_with("//")
+        && !path.contains("://")
+        && !path.contains('\\')
+        && (sub.is_empty() || path.starts_with(&format!("{sub}/")))
+}
+
+/// `GET /user/auth-tokens/rotate` (`RotateUserAuthTokenRedirect`, where the
+/// page middleware sends a browser whose token needs rotation): rotate, then
+/// back to `AppSubURL + redirectTo` (or `AppSubURL + "/"` when that is not a
+/// valid local path); a failed rotation goes to `{sub}/login`, deleting the
+/// cookie when it was invalid.
+fn rotate_redirect(shared: &Arc<Shared>, req: &Req) -> Response<Body> {
+    let sub = shared.settings.sub_path.clone();
+    match rotate_token(shared, req) {
+        Ok(rotation) => {
+            let target = format!(
+                "{sub}{}",
+                req.raw_query_param("redirectTo")
+                    .map(query_unescape)
+                    .unwrap_or_default()
+            );
+            let target = if valid_redirect(shared, &target) {
+                target
+            } else {
+                format!("{sub}/")
+            };
+            let mut response = redirect(&target);
+            if let Rotation::Rotated(cookies) = rotation {
+                add_cookies(&mut response, &cookies);
+            }
+            response
+        }
+        Err(e) => {
+            let mut response = redirect(&format!("{sub}/login"));
+            if e.clear_session {
+                add_cookies(&mut response, &clear_cookies(shared));
+            }
+            response
+        }
     }
 }
 
@@ -570,9 +721,11 @@ async fn login(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiErr
         .get(&session_id)
         .cloned()
         .ok_or_else(ApiError::password_failed)?;
+    // `HandleLoginResponse`: `redirectUrl` is `AppSubURL + "/"` (the
+    // frontend keeps `redirectTo` itself with useSessionStorageForRedirection).
     let mut response = json_response(
         StatusCode::OK,
-        &json!({"message": "Logged in", "redirectUrl": "/"}),
+        &json!({"message": "Logged in", "redirectUrl": format!("{}/", shared.settings.sub_path)}),
     );
     add_cookies(&mut response, &session_cookies(shared, &token, &session));
     Ok(response)
@@ -589,11 +742,7 @@ async fn logout(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiEr
             shared.store().sessions.remove(&id);
         }
     }
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::FOUND;
-    response
-        .headers_mut()
-        .insert(LOCATION, HeaderValue::from_static("/login"));
+    let mut response = redirect(&format!("{}/login", shared.settings.sub_path));
     add_cookies(&mut response, &clear_cookies(shared));
     Ok(response)
 }

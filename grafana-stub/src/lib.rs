@@ -60,6 +60,16 @@ impl Flavor {
         }
     }
 
+    /// Where Grafana is served: PMM runs it with `root_url =
+    /// https://%(domain)s/graph` and `serve_from_sub_path = true`
+    /// (`build/ansible/roles/grafana/files/grafana.ini` in percona/pmm).
+    pub fn default_sub_path(self) -> &'static str {
+        match self {
+            Flavor::Pmm => "/graph",
+            Flavor::Grafana11 | Flavor::Grafana10_4 => "",
+        }
+    }
+
     /// The Grafana version `/api/health` reports.
     pub fn grafana_version(self) -> &'static str {
         match self {
@@ -126,6 +136,28 @@ pub struct StubOptions {
     /// rotate call within this long of the last rotation answers 200 without
     /// a new cookie. `Duration::ZERO` turns it off.
     pub skip_rotation_if_recent: Duration,
+    /// Grafana's sub path (`root_url = …/graph/` with `serve_from_sub_path =
+    /// true`, Grafana's `AppSubURL`). `None`: the flavor's — `/graph` for PMM
+    /// (PMM's `grafana.ini`), none for vanilla Grafana; `Some("")` (or
+    /// `"/"`): none. With a sub path:
+    ///
+    /// - Grafana's whole surface is served under it — `{sub}/login`,
+    ///   `{sub}/logout`, `{sub}/api/…`, `{sub}/user/auth-tokens/rotate`, and
+    ///   the UI pages `{sub}/` and `{sub}/d/…` — and, as Grafana's router only
+    ///   trims the prefix (`strings.TrimPrefix`), the API, login, logout and
+    ///   rotation also without it (what talks to Grafana directly, like the
+    ///   gateway's verifier, uses those). Anything else under the sub path
+    ///   echoes, as every non-Grafana path does.
+    /// - Redirects are Grafana's: `{sub}/login`, `{sub}/`, and `redirectTo`
+    ///   parameters without the sub path (`getRedirectToQueryParam`).
+    /// - Cookies get `Path={sub}`: Grafana's `cookieOptions` use `AppSubURL`
+    ///   as the path, and Grafana has no setting to change it. PMM's nginx
+    ///   rewrites it (`proxy_cookie_path / "/;";` in the `/graph` location
+    ///   of `build/ansible/roles/nginx/files/conf.d/pmm.conf`, turning
+    ///   `Path=/graph` into `Path=/;graph`, i.e. `Path=/`) so that
+    ///   `pmm_session` also reaches `/v1/…`; whatever replaces that nginx
+    ///   must do the same. The stand-in sends what Grafana sends.
+    pub sub_path: Option<String>,
 }
 
 impl Default for StubOptions {
@@ -140,6 +172,7 @@ impl Default for StubOptions {
             migrate_api_keys: None,
             rotation_interval: DEFAULT_ROTATION_INTERVAL,
             skip_rotation_if_recent: DEFAULT_SKIP_ROTATION_IF_RECENT,
+            sub_path: None,
         }
     }
 }
@@ -159,6 +192,29 @@ pub(crate) struct Settings {
     pub migrate_api_keys: bool,
     pub rotation_interval_secs: i64,
     pub skip_rotation_secs: i64,
+    /// Grafana's `AppSubURL`: `""` or `/graph` (no trailing slash).
+    pub sub_path: String,
+}
+
+impl Settings {
+    /// Grafana's `cookieOptions` path: `AppSubURL`, else `/`.
+    pub fn cookie_path(&self) -> &str {
+        if self.sub_path.is_empty() {
+            "/"
+        } else {
+            &self.sub_path
+        }
+    }
+}
+
+/// `AppSubURL` from a configured sub path: one leading slash, no trailing one.
+fn normalize_sub_path(path: &str) -> String {
+    let trimmed = path.trim().trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("/{trimmed}")
+    }
 }
 
 /// Everything the server tasks and the test hooks share.
@@ -231,6 +287,12 @@ impl GrafanaStub {
                 .unwrap_or(i64::MAX)
                 .max(1),
             skip_rotation_secs: i64::try_from(options.skip_rotation_if_recent.as_secs()).unwrap_or(i64::MAX),
+            sub_path: normalize_sub_path(
+                options
+                    .sub_path
+                    .as_deref()
+                    .unwrap_or(options.flavor.default_sub_path()),
+            ),
         };
         let clock = Clock::default();
         let mut store = Store::new();
@@ -271,6 +333,11 @@ impl GrafanaStub {
 
     pub fn flavor(&self) -> Flavor {
         self.shared.settings.flavor
+    }
+
+    /// Grafana's sub path (`""` or e.g. `/graph`), see `StubOptions::sub_path`.
+    pub fn sub_path(&self) -> String {
+        self.shared.settings.sub_path.clone()
     }
 
     pub fn session_cookie_name(&self) -> String {

@@ -385,7 +385,11 @@ async fn sessions_login_rotate_revoke_logout() {
     )
     .await;
     assert_eq!(a.status, 200);
-    assert_eq!(a.body.to_string(), r#"{"message":"Logged in","redirectUrl":"/"}"#);
+    // PMM serves Grafana under /graph: Grafana's redirects carry it.
+    assert_eq!(
+        a.body.to_string(),
+        r#"{"message":"Logged in","redirectUrl":"/graph/"}"#
+    );
     let first = cookie_value(&a.headers, "pmm_session").expect("pmm_session cookie");
     assert_eq!(first.len(), 32);
     assert!(cookie_value(&a.headers, "grafana_session_expiry").is_some());
@@ -515,7 +519,7 @@ async fn sessions_login_rotate_revoke_logout() {
 
     let a = call(&stub, "GET", "/logout", &[("cookie", &c4)], None).await;
     assert_eq!(a.status, 302);
-    assert_eq!(a.headers["location"], "/login");
+    assert_eq!(a.headers["location"], "/graph/login");
     assert_eq!(cookie_value(&a.headers, "pmm_session").as_deref(), Some(""));
     assert_eq!(
         call(&stub, "GET", "/api/user", &[("cookie", &c4)], None)
@@ -1125,4 +1129,253 @@ async fn rotation_interval_and_the_expiry_cookie() {
     let r = call(&stub, "POST", "/api/user/auth-tokens/rotate", &[], None).await;
     assert_eq!(r.status, 401);
     assert_eq!(cookie_value(&r.headers, "grafana_session").as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn pmm_grafana_is_served_under_graph_too() {
+    let stub = GrafanaStub::start(Flavor::Pmm).await;
+    assert_eq!(stub.sub_path(), "/graph");
+    let a = call(
+        &stub,
+        "POST",
+        "/graph/login",
+        &[("content-type", "application/json")],
+        Some(r#"{"user":"admin","password":"admin"}"#),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["redirectUrl"], "/graph/");
+    // Grafana's cookie path is its AppSubURL.
+    let line = set_cookie_line(&a.headers, "pmm_session").unwrap();
+    assert!(line.contains("; Path=/graph;"), "{line}");
+    let line = set_cookie_line(&a.headers, "grafana_session_expiry").unwrap();
+    assert!(line.contains("; Path=/graph;"), "{line}");
+    let first = format!("pmm_session={}", cookie_value(&a.headers, "pmm_session").unwrap());
+
+    stub.reset_counters();
+    for path in ["/graph/api/user", "/api/user"] {
+        let a = call(&stub, "GET", path, &[("cookie", &first)], None).await;
+        assert_eq!(
+            (a.status, a.body["login"].as_str()),
+            (200, Some("admin")),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        stub.verifications(),
+        1,
+        "only the un-prefixed spelling is a verification"
+    );
+    assert_eq!(stub.calls("/graph/api/user"), 1);
+    let admin = basic("admin", "admin");
+    let a = call(
+        &stub,
+        "POST",
+        "/graph/api/serviceaccounts",
+        &[("authorization", &admin)],
+        Some(r#"{"name":"graph-sa","role":"Viewer"}"#),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let a = call(
+        &stub,
+        "GET",
+        "/graph/api/serviceaccounts/search?query=graph",
+        &[("authorization", &admin)],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["totalCount"], 1);
+    assert_eq!(
+        call(
+            &stub,
+            "GET",
+            "/graph/api/nope",
+            &[("authorization", &admin)],
+            None
+        )
+        .await
+        .status,
+        404
+    );
+
+    // Revoking another session under /graph.
+    let other = stub.login("admin", "admin").unwrap();
+    let list = call(
+        &stub,
+        "GET",
+        "/graph/api/user/auth-tokens",
+        &[("cookie", &first)],
+        None,
+    )
+    .await;
+    let inactive = list
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["isActive"] == false)
+        .unwrap()["id"]
+        .clone();
+    let a = call(
+        &stub,
+        "POST",
+        "/graph/api/user/revoke-auth-token",
+        &[("cookie", &first)],
+        Some(&format!(r#"{{"authTokenId":{inactive}}}"#)),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("cookie", &format!("pmm_session={other}"))],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 401);
+
+    // Rotation under /graph, by the API and by the page redirect.
+    stub.advance_clock(Duration::from_secs(11 * 60));
+    let a = call(&stub, "GET", "/graph/api/user", &[("cookie", &first)], None).await;
+    assert_eq!(a.body["messageId"], "session.token.rotate");
+    let a = call(
+        &stub,
+        "POST",
+        "/graph/api/user/auth-tokens/rotate",
+        &[("cookie", &first)],
+        None,
+    )
+    .await;
+    let second = format!(
+        "pmm_session={}",
+        cookie_value(&a.headers, "pmm_session").expect("rotated")
+    );
+    assert_eq!(
+        call(&stub, "GET", "/graph/api/user", &[("cookie", &second)], None)
+            .await
+            .status,
+        200
+    );
+    stub.advance_clock(Duration::from_secs(11 * 60));
+    let a = call(
+        &stub,
+        "GET",
+        "/graph/user/auth-tokens/rotate?redirectTo=%2Fd%2Fabc%3ForgId%3D1",
+        &[("cookie", &second)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 302);
+    assert_eq!(a.headers["location"], "/graph/d/abc?orgId=1");
+    let third = format!(
+        "pmm_session={}",
+        cookie_value(&a.headers, "pmm_session").expect("rotated")
+    );
+    // Not a local path under the sub path: back to the home page.
+    stub.advance_clock(Duration::from_secs(11 * 60));
+    let _ = call(&stub, "GET", "/graph/api/user", &[("cookie", &third)], None).await;
+    let a = call(
+        &stub,
+        "GET",
+        "/graph/user/auth-tokens/rotate?redirectTo=https%3A%2F%2Fevil.example%2F",
+        &[("cookie", &third)],
+        None,
+    )
+    .await;
+    assert_eq!(a.headers["location"], "/graph/");
+    let a = call(
+        &stub,
+        "GET",
+        "/graph/user/auth-tokens/rotate",
+        &[("cookie", "pmm_session=bad")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.headers["location"].to_str().unwrap()),
+        (302, "/graph/login")
+    );
+
+    // Logout under /graph: cookies deleted on Grafana's path.
+    let fourth = format!("pmm_session={}", stub.login("admin", "admin").unwrap());
+    let a = call(&stub, "GET", "/graph/logout", &[("cookie", &fourth)], None).await;
+    assert_eq!(
+        (a.status, a.headers["location"].to_str().unwrap()),
+        (302, "/graph/login")
+    );
+    let line = set_cookie_line(&a.headers, "pmm_session").unwrap();
+    assert!(
+        line.contains("Path=/graph;") && line.contains("Max-Age=0"),
+        "{line}"
+    );
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("cookie", &fourth)], None)
+            .await
+            .status,
+        401
+    );
+
+    // Not Grafana's: echoes, as before.
+    for path in [
+        "/graph/public/build/app.js",
+        "/graphite/api/user",
+        "/v1/inventory/nodes",
+    ] {
+        let a = call(&stub, "GET", path, &[], None).await;
+        assert_eq!((a.status, a.body["path"].as_str()), (200, Some(path)));
+    }
+    assert_eq!(
+        call(&stub, "GET", "/graph/v1/version", &[], None).await.body["path"],
+        "/graph/v1/version"
+    );
+}
+
+#[tokio::test]
+async fn vanilla_grafana_has_no_sub_path_unless_configured() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    let a = call(
+        &stub,
+        "GET",
+        "/graph/api/user",
+        &[("authorization", &basic("admin", "admin"))],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["path"], "/graph/api/user", "echoed");
+    let stub = GrafanaStub::start_with(StubOptions {
+        flavor: Flavor::Grafana11,
+        sub_path: Some("/grafana/".into()),
+        ..StubOptions::default()
+    })
+    .await;
+    assert_eq!(stub.sub_path(), "/grafana");
+    let a = call(
+        &stub,
+        "GET",
+        "/grafana/api/user",
+        &[("authorization", &basic("admin", "admin"))],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["login"], "admin");
+    let stub = GrafanaStub::start_with(StubOptions {
+        flavor: Flavor::Pmm,
+        sub_path: Some(String::new()),
+        ..StubOptions::default()
+    })
+    .await;
+    let a = call(
+        &stub,
+        "POST",
+        "/login",
+        &[("content-type", "application/json")],
+        Some(r#"{"user":"admin","password":"admin"}"#),
+    )
+    .await;
+    assert_eq!(a.body["redirectUrl"], "/");
+    assert!(set_cookie_line(&a.headers, "pmm_session")
+        .unwrap()
+        .contains("Path=/;"));
 }
