@@ -4,4 +4,5 @@
 mod auth;
 mod fleet;
 mod foundation;
+mod sessions;
 mod support;
