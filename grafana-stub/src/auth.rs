@@ -28,11 +28,22 @@ pub enum Principal {
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
     pub principal: Principal,
+    /// The org the request runs in: the one it asked for (`X-Grafana-Org-Id`
+    /// or `?targetOrgId`), else the user's current org, else the key's org.
+    /// `-1` when a user asked for an org it does not belong to — Grafana's
+    /// `GetSignedInUser` then answers `OrgID -1`, `OrgName "Org missing"`,
+    /// no role, so every org-scoped permission check fails.
+    pub org_id: i64,
     pub org_role: Role,
     pub grafana_admin: bool,
 }
 
 impl Caller {
+    /// Whether the request runs in an org the caller belongs to.
+    pub fn in_org(&self) -> bool {
+        self.org_id > 0
+    }
+
     pub fn user_id(&self) -> Option<i64> {
         match self.principal {
             Principal::User { id, .. } => Some(id),
@@ -139,18 +150,40 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
-/// Authenticates a request. `Ok(None)`: no credential at all; `Err`: the
-/// first failing client's answer, as Grafana reports the first error.
+/// Grafana's `orgIDFromRequest` (`pkg/services/authn/authnimpl/service.go`):
+/// a positive `targetOrgId` query parameter, else the `X-Grafana-Org-Id`
+/// header; what does not parse as an integer counts as absent (0).
+pub fn requested_org(headers: &HeaderMap, query: Option<&str>) -> i64 {
+    let from_query = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == "targetOrgId")
+        .and_then(|(_, v)| v.parse::<i64>().ok())
+        .filter(|id| *id > 0);
+    from_query.unwrap_or_else(|| {
+        headers
+            .get("x-grafana-org-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Authenticates a request that asks for org `org` (0: none, see
+/// `requested_org`). `Ok(None)`: no credential at all; `Err`: the first
+/// failing client's answer, as Grafana reports the first error.
 pub async fn authenticate(
     shared: &Arc<Shared>,
     headers: &HeaderMap,
     peer: SocketAddr,
+    org: i64,
 ) -> Result<Option<Caller>, ApiError> {
     let mut first_error: Option<ApiError> = None;
 
     if let Some(header) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         if let Some(token) = header.strip_prefix("Bearer ") {
-            match api_key(shared, token).await {
+            match api_key(shared, token, org).await {
                 Ok(caller) => return Ok(Some(caller)),
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -158,7 +191,7 @@ pub async fn authenticate(
             }
         } else if let Some((user, password)) = credentials::decode_basic(header) {
             if user == "api_key" {
-                match api_key(shared, &password).await {
+                match api_key(shared, &password, org).await {
                     Ok(caller) => return Ok(Some(caller)),
                     Err(e) => {
                         first_error.get_or_insert(e);
@@ -168,7 +201,7 @@ pub async fn authenticate(
             // Grafana tries the Basic client too (and so counts the failure
             // against the username — even `api_key` or `service_token`).
             match check_password(shared, &user, &password).await {
-                Ok(user_id) => return Ok(Some(user_caller(shared, user_id, None)?)),
+                Ok(user_id) => return Ok(Some(user_caller(shared, user_id, None, org)?)),
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -177,13 +210,13 @@ pub async fn authenticate(
     }
 
     if shared.settings.auth_proxy && peer.ip().is_loopback() {
-        if let Some(caller) = auth_proxy(shared, headers) {
+        if let Some(caller) = auth_proxy(shared, headers, org) {
             return Ok(Some(caller));
         }
     }
 
     if let Some(token) = cookie(headers, &shared.settings.session_cookie) {
-        match session(shared, &token) {
+        match session(shared, &token, org) {
             Ok(caller) => return Ok(Some(caller)),
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -210,19 +243,32 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn user_caller(shared: &Shared, user_id: i64, session: Option<i64>) -> Result<Caller, ApiError> {
+/// A user's identity in the requested org (0: its current org), as
+/// Grafana's `GetSignedInUser` resolves it: a member gets its role there; a
+/// non-member is still signed in, with org `-1` and no role.
+fn user_caller(shared: &Shared, user_id: i64, session: Option<i64>, org: i64) -> Result<Caller, ApiError> {
     let store = shared.store();
     let user = store.users.get(&user_id).ok_or_else(ApiError::unauthorized)?;
+    let org_id = if org > 0 { org } else { user.org_id };
+    let (org_id, org_role) = match user.orgs.get(&org_id) {
+        Some(role) => (org_id, *role),
+        None => (-1, Role::None),
+    };
     Ok(Caller {
         principal: Principal::User { id: user_id, session },
-        org_role: user.org_role.unwrap_or(Role::None),
+        org_id,
+        org_role,
         grafana_admin: user.grafana_admin,
     })
 }
 
 // ---- API keys and service-account tokens -----------------------------------
 
-async fn api_key(shared: &Arc<Shared>, token: &str) -> Result<Caller, ApiError> {
+/// Grafana's API key client (`pkg/services/authn/clients/api_key.go`), for
+/// legacy keys and `glsa_` tokens alike. A key belongs to one org: with no
+/// org asked for, the key's; another one is refused after the expiry and
+/// revocation checks (`validateApiKey`) with `api-key.organization-mismatch`.
+async fn api_key(shared: &Arc<Shared>, token: &str, org: i64) -> Result<Caller, ApiError> {
     let key_id = if token.starts_with(GRAFANA_PREFIX) {
         // A bad shape or checksum is refused before any lookup.
         let decoded = SaToken::decode(token).ok_or_else(ApiError::invalid_api_key)?;
@@ -261,7 +307,8 @@ async fn api_key(shared: &Arc<Shared>, token: &str) -> Result<Caller, ApiError> 
     if key.is_revoked {
         return Err(ApiError::revoked_api_key());
     }
-    if key.org_id != ORG_ID {
+    let org = if org == 0 { key.org_id } else { org };
+    if key.org_id != org {
         return Err(ApiError::authn(
             StatusCode::UNAUTHORIZED,
             "api-key.organization-mismatch",
@@ -273,6 +320,7 @@ async fn api_key(shared: &Arc<Shared>, token: &str) -> Result<Caller, ApiError> 
     match sa_id {
         None => Ok(Caller {
             principal: Principal::ApiKey { key_id },
+            org_id: org,
             org_role: role,
             grafana_admin: false,
         }),
@@ -286,6 +334,7 @@ async fn api_key(shared: &Arc<Shared>, token: &str) -> Result<Caller, ApiError> 
             }
             Ok(Caller {
                 principal: Principal::ServiceAccount { id: sa_id, key_id },
+                org_id: org,
                 org_role: sa.role,
                 grafana_admin: false,
             })
@@ -424,12 +473,12 @@ pub fn lookup_session(shared: &Shared, token: &str) -> Result<Session, LookupErr
 /// Grafana's session client (`pkg/services/authn/clients/session.go`):
 /// look the token up, then refuse it with `session.token.rotate` when it
 /// needs rotation — the token is not dead, the frontend rotates it.
-fn session(shared: &Shared, token: &str) -> Result<Caller, ApiError> {
+fn session(shared: &Shared, token: &str, org: i64) -> Result<Caller, ApiError> {
     let session = lookup_session(shared, token).map_err(|_| ApiError::session_invalid())?;
     if session.needs_rotation(shared.now(), shared.settings.rotation_interval_secs) {
         return Err(ApiError::session_needs_rotation());
     }
-    user_caller(shared, session.user_id, Some(session.id))
+    user_caller(shared, session.user_id, Some(session.id), org)
 }
 
 // ---- auth proxy --------------------------------------------------------------
@@ -442,8 +491,10 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// `[auth.proxy]` with `auto_sign_up`: the proxy names the user and its role.
-fn auth_proxy(shared: &Shared, headers: &HeaderMap) -> Option<Caller> {
+/// `[auth.proxy]` with `auto_sign_up`: the proxy names the user and its
+/// role. A role header is synced into the main org (`auto_assign_org_id`)
+/// and, as Grafana's org sync does, removes the user from every other org.
+fn auth_proxy(shared: &Shared, headers: &HeaderMap, org: i64) -> Option<Caller> {
     let login = header(headers, "x-webauth-user")?;
     let role = header(headers, "x-webauth-role").and_then(Role::parse);
     let now = shared.now();
@@ -474,13 +525,12 @@ fn auth_proxy(shared: &Shared, headers: &HeaderMap) -> Option<Caller> {
         return None;
     }
     if let Some(role) = role {
-        user.org_role = Some(role);
+        user.orgs.clear();
+        user.orgs.insert(ORG_ID, role);
+        user.org_id = ORG_ID;
     }
-    Some(Caller {
-        principal: Principal::User { id, session: None },
-        org_role: user.org_role.unwrap_or(Role::None),
-        grafana_admin: user.grafana_admin,
-    })
+    drop(store);
+    user_caller(shared, id, None, org).ok()
 }
 
 #[cfg(test)]

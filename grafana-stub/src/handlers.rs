@@ -20,9 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::auth::{self, ApiError, Caller, Principal};
 use crate::clock::rfc3339;
 use crate::credentials::{LegacyKey, SaToken};
-use crate::store::{
-    self, ApiKey, Conflict, LookupError, Role, ServiceAccount, Session, User, ORG_ID, ORG_NAME,
-};
+use crate::store::{self, ApiKey, Conflict, LookupError, Role, ServiceAccount, Session, User};
 use crate::{Flavor, Shared};
 
 pub type Body = Full<Bytes>;
@@ -98,6 +96,11 @@ impl Req {
             .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v)
+    }
+
+    /// The org the request asks for (`auth::requested_org`).
+    fn org(&self) -> i64 {
+        auth::requested_org(&self.headers, self.query.as_deref())
     }
 
     /// Grafana's `web.RemoteAddr`: the first forwarded address, else the peer.
@@ -243,6 +246,35 @@ fn sa_not_found() -> ApiError {
     )
 }
 
+/// Grafana's RBAC refusal (`pkg/middleware/auth.go`, `deny`): what a
+/// request running in an org the user does not belong to gets from every
+/// org-scoped endpoint, since such a user has no permissions there
+/// (grafana/grafana#92274 describes the `-1` org). The stand-in's other
+/// refusals keep the legacy `{"message":"Permission denied"}`.
+fn access_denied(action: &str) -> ApiError {
+    use rand::Rng;
+    let id: u64 = rand::thread_rng().gen_range(0..10_000_000_000);
+    ApiError {
+        status: StatusCode::FORBIDDEN,
+        body: json!({
+            "accessErrorId": format!("ACE{id:010}"),
+            "message": format!(
+                "You'll need additional permissions to perform this action. Permissions needed: {action}"
+            ),
+            "title": "Access denied",
+        }),
+        clear_session: false,
+    }
+}
+
+/// Service accounts belong to one org; the others are "not found".
+fn sa_in_org(store: &store::Store, sa_id: i64, org_id: i64) -> bool {
+    store
+        .service_accounts
+        .get(&sa_id)
+        .is_some_and(|sa| sa.org_id == org_id)
+}
+
 fn require_org_admin(caller: &Caller) -> Result<(), ApiError> {
     if caller.org_role >= Role::Admin {
         Ok(())
@@ -278,7 +310,9 @@ fn user_json(u: &User) -> Value {
         "name": u.name,
         "login": u.login,
         "theme": "",
-        "orgId": if u.org_role.is_some() { ORG_ID } else { 0 },
+        // Grafana's `GetProfile` reads the user row: the current org, not
+        // the one the request asked for.
+        "orgId": u.org_id,
         "isGrafanaAdmin": u.grafana_admin,
         "isDisabled": u.disabled,
         "isExternal": false,
@@ -417,6 +451,7 @@ fn session_json(s: &Session, active: Option<i64>) -> Value {
 enum Api {
     User,
     UserOrgs,
+    UserUsingOrg(i64),
     Org,
     AuthServiceAccount,
     ListKeys,
@@ -455,6 +490,7 @@ fn api_route(method: &Method, segs: &[&str], flavor: Flavor) -> Option<Api> {
     Some(match segs {
         ["user"] if m == M::GET => Api::User,
         ["user", "orgs"] if m == M::GET => Api::UserOrgs,
+        ["user", "using", o] if m == M::POST => Api::UserUsingOrg(id(o)?),
         ["org"] if m == M::GET => Api::Org,
         ["auth", "serviceaccount"] if m == M::GET && flavor == Flavor::Pmm => Api::AuthServiceAccount,
         ["auth", "keys"] if m == M::GET => Api::ListKeys,
@@ -519,7 +555,7 @@ async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, Api
         (&Method::GET, ["user", "auth-tokens", "rotate"]) => Ok(rotate_redirect(shared, req)),
         (_, ["api", rest @ ..]) => {
             let api = api_route(&req.method, rest, flavor).ok_or_else(not_found)?;
-            let caller = auth::authenticate(shared, &req.headers, req.peer)
+            let caller = auth::authenticate(shared, &req.headers, req.peer, req.org())
                 .await?
                 .ok_or_else(ApiError::unauthorized)?;
             api_call(shared, req, &caller, api).await
@@ -737,7 +773,7 @@ async fn login(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiErr
 /// password) revokes nothing — then both cookies are deleted and the
 /// browser sent to the login page.
 async fn logout(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
-    if let Ok(Some(caller)) = auth::authenticate(shared, &req.headers, req.peer).await {
+    if let Ok(Some(caller)) = auth::authenticate(shared, &req.headers, req.peer, req.org()).await {
         if let Some(id) = current_session(&caller) {
             shared.store().sessions.remove(&id);
         }
@@ -795,6 +831,41 @@ fn rotate(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
 
 // ---- authenticated API ---------------------------------------------------------
 
+/// The RBAC action an endpoint checks in the request's org (Grafana 11's
+/// `authorize(ac.EvalPermission(…))` in `pkg/api/api.go` and the service
+/// accounts API); `None` for the ones behind the signed-in check only (the
+/// caller's own profile, orgs, sessions, password) and the server-admin ones
+/// (global permissions, which do not depend on org membership).
+fn org_permission(api: &Api) -> Option<&'static str> {
+    Some(match api {
+        Api::Org => "orgs:read",
+        Api::ListKeys => "apikeys:read",
+        Api::CreateKey => "apikeys:create",
+        Api::DeleteKey(_) => "apikeys:delete",
+        Api::CreateSa => "serviceaccounts:create",
+        Api::SearchSa | Api::GetSa(_) | Api::ListSaTokens(_) => "serviceaccounts:read",
+        Api::UpdateSa(_) | Api::CreateSaToken(_) | Api::DeleteSaToken(..) => "serviceaccounts:write",
+        Api::DeleteSa(_) => "serviceaccounts:delete",
+        Api::OrgUserUpdate(_) => "org.users:write",
+        Api::OrgUserDelete(_) => "org.users:remove",
+        Api::User
+        | Api::UserOrgs
+        | Api::UserUsingOrg(_)
+        | Api::AuthServiceAccount
+        | Api::UserAuthTokens
+        | Api::RevokeUserAuthToken
+        | Api::ChangePassword
+        | Api::AdminCreateUser
+        | Api::AdminPassword(_)
+        | Api::AdminDisable(..)
+        | Api::AdminDelete(_)
+        | Api::AdminLogout(_)
+        | Api::AdminRevokeAuthToken(_)
+        | Api::AdminAuthTokens(_)
+        | Api::AdminPermissions(_) => return None,
+    })
+}
+
 async fn api_call(
     shared: &Arc<Shared>,
     req: &Req,
@@ -802,20 +873,49 @@ async fn api_call(
     api: Api,
 ) -> Result<Response<Body>, ApiError> {
     let flavor = shared.settings.flavor;
+    if !caller.in_org() {
+        if let Some(action) = org_permission(&api) {
+            return Err(access_denied(action));
+        }
+    }
     match api {
         Api::User => get_user(shared, caller, flavor),
         Api::UserOrgs => {
             let user_id = require_user(caller)?;
             let store = shared.store();
             let user = store.users.get(&user_id).ok_or_else(ApiError::unauthorized)?;
-            let orgs: Vec<Value> = user
-                .org_role
-                .map(|role| json!({"orgId": ORG_ID, "name": ORG_NAME, "role": role.as_str()}))
+            // `GetUserOrgList`: every membership, by org name.
+            let mut orgs: Vec<(&str, i64, Role)> = user
+                .orgs
+                .iter()
+                .filter_map(|(org, role)| Some((store.org_name(*org)?, *org, *role)))
+                .collect();
+            orgs.sort();
+            let orgs: Vec<Value> = orgs
                 .into_iter()
+                .map(|(name, org, role)| json!({"orgId": org, "name": name, "role": role.as_str()}))
                 .collect();
             ok(Value::Array(orgs))
         }
-        Api::Org => ok(json!({"id": ORG_ID, "name": ORG_NAME})),
+        Api::UserUsingOrg(org_id) => {
+            // `UserSetUsingOrg`: only an org the user belongs to.
+            let user_id = require_user(caller)?;
+            let mut store = shared.store();
+            let user = store.users.get_mut(&user_id).ok_or_else(ApiError::unauthorized)?;
+            if !user.orgs.contains_key(&org_id) {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "Not a valid organization",
+                ));
+            }
+            user.org_id = org_id;
+            message("Active organization changed")
+        }
+        Api::Org => {
+            let store = shared.store();
+            let name = store.org_name(caller.org_id).ok_or_else(not_found)?;
+            ok(json!({"id": caller.org_id, "name": name}))
+        }
         Api::AuthServiceAccount => match caller.principal {
             Principal::ServiceAccount { id, .. } => {
                 let store = shared.store();
@@ -835,7 +935,7 @@ async fn api_call(
             let deletable = store
                 .keys
                 .get(&key_id)
-                .is_some_and(|k| k.legacy && k.service_account_id.is_none() && k.org_id == ORG_ID);
+                .is_some_and(|k| k.legacy && k.service_account_id.is_none() && k.org_id == caller.org_id);
             if !deletable {
                 return Err(ApiError::new(StatusCode::NOT_FOUND, "Failed to find API key"));
             }
@@ -847,13 +947,18 @@ async fn api_call(
         Api::GetSa(sa_id) => {
             require_org_admin(caller)?;
             let store = shared.store();
-            let sa = store.service_accounts.get(&sa_id).ok_or_else(sa_not_found)?;
+            let sa = store
+                .service_accounts
+                .get(&sa_id)
+                .filter(|sa| sa.org_id == caller.org_id)
+                .ok_or_else(sa_not_found)?;
             ok(sa_detail_json(sa, store.token_count(sa_id)))
         }
         Api::UpdateSa(sa_id) => update_sa(shared, req, caller, sa_id),
         Api::DeleteSa(sa_id) => {
             require_org_admin(caller)?;
-            if !shared.store().delete_service_account(sa_id) {
+            let mut store = shared.store();
+            if !sa_in_org(&store, sa_id, caller.org_id) || !store.delete_service_account(sa_id) {
                 return Err(sa_not_found());
             }
             message("Service account deleted")
@@ -862,7 +967,7 @@ async fn api_call(
             require_org_admin(caller)?;
             let now = shared.now();
             let store = shared.store();
-            if !store.service_accounts.contains_key(&sa_id) {
+            if !sa_in_org(&store, sa_id, caller.org_id) {
                 return Err(sa_not_found());
             }
             let tokens: Vec<Value> = store
@@ -877,7 +982,7 @@ async fn api_call(
         Api::DeleteSaToken(sa_id, token_id) => {
             require_org_admin(caller)?;
             let mut store = shared.store();
-            if !store.service_accounts.contains_key(&sa_id) {
+            if !sa_in_org(&store, sa_id, caller.org_id) {
                 return Err(sa_not_found());
             }
             if store
@@ -1004,19 +1109,20 @@ async fn api_call(
             let role = Role::parse(&form.role).ok_or_else(invalid_role)?;
             let now = shared.now();
             let mut store = shared.store();
+            let org_id = caller.org_id;
             let current = store
                 .users
                 .get(&user_id)
-                .and_then(|u| u.org_role)
+                .and_then(|u| u.orgs.get(&org_id).copied())
                 .ok_or_else(user_not_found)?;
-            if current == Role::Admin && role != Role::Admin && store.org_admin_count() <= 1 {
+            if current == Role::Admin && role != Role::Admin && store.org_admin_count(org_id) <= 1 {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "Cannot change role so that there is no organization admin left",
                 ));
             }
             if let Some(user) = store.users.get_mut(&user_id) {
-                user.org_role = Some(role);
+                user.orgs.insert(org_id, role);
                 user.updated = now;
             }
             message("Organization user updated")
@@ -1024,20 +1130,24 @@ async fn api_call(
         Api::OrgUserDelete(user_id) => {
             require_org_admin(caller)?;
             let mut store = shared.store();
+            let org_id = caller.org_id;
             let current = store
                 .users
                 .get(&user_id)
-                .and_then(|u| u.org_role)
+                .and_then(|u| u.orgs.get(&org_id).copied())
                 .ok_or_else(user_not_found)?;
-            if current == Role::Admin && store.org_admin_count() <= 1 {
+            if current == Role::Admin && store.org_admin_count(org_id) <= 1 {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "Cannot remove last organization admin",
                 ));
             }
-            // The org was the user's only one: Grafana deletes the orphan.
-            store.delete_user(user_id);
-            message("User deleted")
+            // A user left in no org is deleted (`ShouldDeleteOrphanedUser`).
+            if store.remove_org_member(org_id, user_id) {
+                message("User deleted")
+            } else {
+                message("User removed from organization")
+            }
         }
     }
 }
@@ -1076,7 +1186,7 @@ fn list_keys(shared: &Shared, req: &Req, caller: &Caller) -> Result<Response<Bod
     let keys: Vec<Value> = store
         .keys
         .values()
-        .filter(|k| k.legacy && k.service_account_id.is_none() && k.org_id == ORG_ID)
+        .filter(|k| k.legacy && k.service_account_id.is_none() && k.org_id == caller.org_id)
         .filter(|k| include_expired || !k.has_expired(now))
         .map(key_json)
         .collect();
@@ -1113,13 +1223,14 @@ async fn create_key(shared: &Arc<Shared>, req: &Req, caller: &Caller) -> Result<
             "API Key Organization ID And Name Must Be Unique",
         )
     };
-    if shared.store().legacy_key_name_taken(ORG_ID, &form.name) {
+    let org_id = caller.org_id;
+    if shared.store().legacy_key_name_taken(org_id, &form.name) {
         return Err(duplicate());
     }
     let name = form.name.clone();
     // Generating the key hashes it: PBKDF2, off the async workers.
     let key = tokio::task::spawn_blocking(move || {
-        let key = LegacyKey::generate(ORG_ID, &name);
+        let key = LegacyKey::generate(org_id, &name);
         let hash = key.hash();
         (key, hash)
     })
@@ -1133,7 +1244,7 @@ async fn create_key(shared: &Arc<Shared>, req: &Req, caller: &Caller) -> Result<
     let now = shared.now();
     let expires = (form.seconds_to_live > 0).then(|| now + form.seconds_to_live);
     let mut store = shared.store();
-    if store.legacy_key_name_taken(ORG_ID, &form.name) {
+    if store.legacy_key_name_taken(org_id, &form.name) {
         return Err(duplicate());
     }
     let id = store.add_legacy_key(&key, role, expires, shared.settings.migrate_api_keys, now);
@@ -1173,6 +1284,7 @@ fn create_sa(shared: &Shared, req: &Req, caller: &Caller) -> Result<Response<Bod
     let mut store = shared.store();
     let sa = store
         .insert_service_account(
+            caller.org_id,
             &name,
             &store::service_account_login(&name),
             role,
@@ -1206,6 +1318,7 @@ fn search_sa(shared: &Shared, req: &Req, caller: &Caller) -> Result<Response<Bod
     let mut matching: Vec<&ServiceAccount> = store
         .service_accounts
         .values()
+        .filter(|s| s.org_id == caller.org_id)
         .filter(|s| query.is_empty() || s.name.to_lowercase().contains(&query) || s.login.contains(&query))
         .collect();
     matching.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1248,7 +1361,11 @@ fn update_sa(shared: &Shared, req: &Req, caller: &Caller, sa_id: i64) -> Result<
         }
     }
     let tokens = store.token_count(sa_id);
-    let sa = store.service_accounts.get_mut(&sa_id).ok_or_else(sa_not_found)?;
+    let sa = store
+        .service_accounts
+        .get_mut(&sa_id)
+        .filter(|sa| sa.org_id == caller.org_id)
+        .ok_or_else(sa_not_found)?;
     if let Some(name) = form.name.filter(|n| !n.trim().is_empty()) {
         sa.login = store::service_account_login(&name);
         sa.name = name;
@@ -1304,7 +1421,7 @@ async fn create_sa_token(
     };
     let name = {
         let store = shared.store();
-        if !store.service_accounts.contains_key(&sa_id) {
+        if !sa_in_org(&store, sa_id, caller.org_id) {
             return Err(sa_not_found());
         }
         let name = if form.name.is_empty() {
@@ -1332,7 +1449,7 @@ async fn create_sa_token(
     let now = shared.now();
     let expires = (form.seconds_to_live > 0).then(|| now + form.seconds_to_live);
     let mut store = shared.store();
-    if !store.service_accounts.contains_key(&sa_id) {
+    if !sa_in_org(&store, sa_id, caller.org_id) {
         return Err(sa_not_found());
     }
     if taken(&store, &name) {

@@ -344,8 +344,9 @@ impl GrafanaStub {
         self.shared.settings.session_cookie.clone()
     }
 
-    /// Adds a user in the org with `role` ("Viewer", "Editor", "Admin" or
-    /// "None"); email `<login>@example.com`. Returns the user id.
+    /// Adds a user in the main org with `role` ("Viewer", "Editor", "Admin"
+    /// or "None"); email `<login>@example.com`. Returns the user id. More
+    /// orgs: `add_org`, `add_org_member`.
     pub fn add_user(&self, login: &str, password: &str, role: &str, grafana_admin: bool) -> i64 {
         let role = parse_role(role);
         let salt = credentials::random_alphanumeric(10);
@@ -397,15 +398,51 @@ impl GrafanaStub {
         store.add_legacy_key(&decoded, role, None, self.shared.settings.migrate_api_keys, now)
     }
 
-    /// Adds a service account (login `sa-<name>`); returns its id.
+    /// Adds a service account (login `sa-<name>`) in the main org; returns
+    /// its id.
     pub fn add_service_account(&self, name: &str, role: &str) -> i64 {
+        self.add_service_account_in(ORG_ID, name, role)
+    }
+
+    /// Adds a service account in org `org_id`; its tokens belong to that
+    /// org. Returns its id.
+    pub fn add_service_account_in(&self, org_id: i64, name: &str, role: &str) -> i64 {
         let role = parse_role(role);
         let now = self.shared.now();
-        self.shared
-            .store()
-            .insert_service_account(name, &store::service_account_login(name), role, false, now)
+        let mut store = self.shared.store();
+        assert!(store.orgs.contains_key(&org_id), "no org {org_id}");
+        store
+            .insert_service_account(
+                org_id,
+                name,
+                &store::service_account_login(name),
+                role,
+                false,
+                now,
+            )
             .unwrap_or_else(|_| panic!("service account {name:?} already exists"))
             .id
+    }
+
+    /// Creates an organisation (Grafana's `POST /api/orgs`); returns its id.
+    /// Names are unique.
+    pub fn add_org(&self, name: &str) -> i64 {
+        self.shared
+            .store()
+            .add_org(name)
+            .unwrap_or_else(|_| panic!("org {name:?} already exists"))
+    }
+
+    /// Makes user `user_id` a member of org `org_id` with `role` ("Viewer",
+    /// "Editor", "Admin" or "None"), or changes its role there (Grafana's
+    /// `POST /api/orgs/:orgId/users` / `PATCH …/users/:userId`). Users start
+    /// as members of the main org, which stays their current org.
+    pub fn add_org_member(&self, org_id: i64, user_id: i64, role: &str) {
+        let role = parse_role(role);
+        assert!(
+            self.shared.store().set_org_member(org_id, user_id, role),
+            "no org {org_id} or no user {user_id}"
+        );
     }
 
     /// Adds a `glsa_` token to a service account; returns its id and the token.

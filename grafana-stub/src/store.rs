@@ -1,4 +1,5 @@
-//! Grafana's state in memory: one org, users, service accounts, the
+//! Grafana's state in memory: organisations, users and their memberships,
+//! service accounts, the
 //! `api_key` table (legacy keys and service-account tokens share it, as in
 //! Grafana), session tokens and failed-login attempts. Plain data and
 //! synchronous operations; the callers hold the lock briefly and never across
@@ -9,6 +10,8 @@ use std::fmt;
 
 use crate::credentials::{self, LegacyKey, SaToken};
 
+/// The org every fresh Grafana has, where new users land
+/// (`auto_assign_org_id`).
 pub const ORG_ID: i64 = 1;
 pub const ORG_NAME: &str = "Main Org.";
 
@@ -78,8 +81,12 @@ pub struct User {
     pub name: String,
     pub salt: String,
     pub password_hash: String,
-    /// Role in the one org; `None` once removed from it.
-    pub org_role: Option<Role>,
+    /// `user.org_id`: the current org, used when a request names none (and
+    /// what `/api/user` reports as `orgId`); changed by
+    /// `POST /api/user/using/:orgId`.
+    pub org_id: i64,
+    /// `org_user` rows: the user's role in each org it belongs to.
+    pub orgs: BTreeMap<i64, Role>,
     pub grafana_admin: bool,
     pub disabled: bool,
     pub created: i64,
@@ -181,6 +188,12 @@ pub enum LookupError {
     Expired,
 }
 
+/// A row of Grafana's `org` table.
+#[derive(Debug, Clone)]
+pub struct Org {
+    pub name: String,
+}
+
 #[derive(Debug)]
 pub enum Conflict {
     Exists,
@@ -193,6 +206,8 @@ pub struct Store {
     next_user_id: i64,
     next_key_id: i64,
     next_session_id: i64,
+    next_org_id: i64,
+    pub orgs: BTreeMap<i64, Org>,
     pub users: BTreeMap<i64, User>,
     pub service_accounts: BTreeMap<i64, ServiceAccount>,
     pub keys: BTreeMap<i64, ApiKey>,
@@ -222,13 +237,86 @@ fn new_uid() -> String {
 }
 
 impl Store {
+    /// A fresh Grafana: the main org and nothing else.
     pub fn new() -> Store {
+        let mut orgs = BTreeMap::new();
+        orgs.insert(
+            ORG_ID,
+            Org {
+                name: ORG_NAME.to_owned(),
+            },
+        );
         Store {
             next_user_id: 1,
             next_key_id: 1,
             next_session_id: 1,
+            next_org_id: ORG_ID + 1,
+            orgs,
             ..Store::default()
         }
+    }
+
+    // ---- orgs ---------------------------------------------------------------
+
+    /// Org names are unique in Grafana ("Organization name taken").
+    pub fn add_org(&mut self, name: &str) -> Result<i64, Conflict> {
+        if self.orgs.values().any(|o| o.name.eq_ignore_ascii_case(name)) {
+            return Err(Conflict::Exists);
+        }
+        let id = self.next_org_id;
+        self.next_org_id += 1;
+        self.orgs.insert(
+            id,
+            Org {
+                name: name.to_owned(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn org_name(&self, org_id: i64) -> Option<&str> {
+        self.orgs.get(&org_id).map(|o| o.name.as_str())
+    }
+
+    /// Adds the user to the org with `role`, or changes its role there. A
+    /// user that belongs to no org yet gets it as its current org.
+    pub fn set_org_member(&mut self, org_id: i64, user_id: i64, role: Role) -> bool {
+        if !self.orgs.contains_key(&org_id) {
+            return false;
+        }
+        let Some(user) = self.users.get_mut(&user_id) else {
+            return false;
+        };
+        user.orgs.insert(org_id, role);
+        if !user.orgs.contains_key(&user.org_id) {
+            user.org_id = org_id;
+        }
+        true
+    }
+
+    /// Grafana's `RemoveOrgUser` as `DELETE /api/org/users/:id` runs it: the
+    /// membership goes; a user left in no org is deleted (returns `true`);
+    /// one removed from its current org moves to another of its orgs.
+    pub fn remove_org_member(&mut self, org_id: i64, user_id: i64) -> bool {
+        let Some(user) = self.users.get_mut(&user_id) else {
+            return false;
+        };
+        user.orgs.remove(&org_id);
+        if user.orgs.is_empty() {
+            self.delete_user(user_id);
+            return true;
+        }
+        if user.org_id == org_id {
+            user.org_id = user.orgs.keys().next().copied().unwrap_or(0);
+        }
+        false
+    }
+
+    pub fn org_admin_count(&self, org_id: i64) -> usize {
+        self.users
+            .values()
+            .filter(|u| u.orgs.get(&org_id) == Some(&Role::Admin))
+            .count()
     }
 
     fn take_user_id(&mut self) -> i64 {
@@ -283,7 +371,8 @@ impl Store {
                 name: name.to_owned(),
                 salt,
                 password_hash,
-                org_role: Some(role),
+                org_id: ORG_ID,
+                orgs: BTreeMap::from([(ORG_ID, role)]),
                 grafana_admin,
                 disabled: false,
                 created: now,
@@ -315,13 +404,6 @@ impl Store {
         existed
     }
 
-    pub fn org_admin_count(&self) -> usize {
-        self.users
-            .values()
-            .filter(|u| u.org_role == Some(Role::Admin))
-            .count()
-    }
-
     // ---- brute-force protection -------------------------------------------
 
     pub fn is_locked(&self, username: &str, now: i64) -> bool {
@@ -348,6 +430,7 @@ impl Store {
 
     pub fn insert_service_account(
         &mut self,
+        org_id: i64,
         name: &str,
         login: &str,
         role: Role,
@@ -368,7 +451,7 @@ impl Store {
             uid: new_uid(),
             name: name.to_owned(),
             login: login.to_owned(),
-            org_id: ORG_ID,
+            org_id,
             role,
             disabled,
             created: now,
@@ -456,7 +539,7 @@ impl Store {
             let name = format!("sa-autogen-{}", key.name);
             let login = format!("sa-autogen-{}-{}", key.org_id, key.name);
             // Distinct keys with one name cannot exist; reuse on a clash.
-            match self.insert_service_account(&name, &login, role, false, now) {
+            match self.insert_service_account(key.org_id, &name, &login, role, false, now) {
                 Ok(sa) => Some(sa.id),
                 Err(Conflict::Exists) => self
                     .service_accounts
@@ -478,8 +561,12 @@ impl Store {
         expires: Option<i64>,
         now: i64,
     ) -> i64 {
-        let role = self.service_accounts.get(&sa_id).map_or(Role::None, |s| s.role);
-        self.insert_key(name, ORG_ID, token.hash(), role, expires, Some(sa_id), false, now)
+        // A token belongs to its service account's org.
+        let (org_id, role) = self
+            .service_accounts
+            .get(&sa_id)
+            .map_or((ORG_ID, Role::None), |s| (s.org_id, s.role));
+        self.insert_key(name, org_id, token.hash(), role, expires, Some(sa_id), false, now)
     }
 
     // ---- sessions ---------------------------------------------------------
@@ -686,6 +773,27 @@ mod tests {
             .unwrap();
         assert_eq!(store.lookup_token("a", 2201).unwrap_err(), LookupError::NotFound);
         assert!(store.lookup_token("b", 2201).is_ok());
+    }
+
+    #[test]
+    fn memberships_and_the_current_org() {
+        let mut store = Store::new();
+        let id = store
+            .insert_user("u", "u@x", "u", "s".into(), "h".into(), Role::Viewer, false, 0)
+            .unwrap();
+        let ops = store.add_org("Ops").unwrap();
+        assert!(store.add_org("ops").is_err(), "names are unique");
+        assert!(store.set_org_member(ops, id, Role::Admin));
+        assert!(!store.set_org_member(99, id, Role::Admin));
+        let u = &store.users[&id];
+        assert_eq!((u.org_id, u.orgs.len(), u.orgs[&ops]), (ORG_ID, 2, Role::Admin));
+        assert_eq!(store.org_admin_count(ops), 1);
+        // Removed from its current org: moves to the other one.
+        assert!(!store.remove_org_member(ORG_ID, id));
+        assert_eq!(store.users[&id].org_id, ops);
+        // Removed from its last org: deleted.
+        assert!(store.remove_org_member(ops, id));
+        assert!(!store.users.contains_key(&id));
     }
 
     #[test]

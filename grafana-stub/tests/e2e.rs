@@ -1379,3 +1379,250 @@ async fn vanilla_grafana_has_no_sub_path_unless_configured() {
         .unwrap()
         .contains("Path=/;"));
 }
+
+#[tokio::test]
+async fn organisations_memberships_and_org_selection() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    let ops = stub.add_org("Ops");
+    let secret = stub.add_org("Secret");
+    let multi = stub.add_user("multi", "multi-pw", "Viewer", false);
+    stub.add_org_member(ops, multi, "Admin");
+    let auth = basic("multi", "multi-pw");
+    let with = |org: i64| (String::from("x-grafana-org-id"), org.to_string());
+
+    let a = call(&stub, "GET", "/api/user", &[("authorization", &auth)], None).await;
+    assert_eq!(a.body["orgId"], 1, "the current org");
+    let a = call(&stub, "GET", "/api/user/orgs", &[("authorization", &auth)], None).await;
+    assert_eq!(
+        a.body,
+        serde_json::json!([
+            {"orgId": 1, "name": "Main Org.", "role": "Viewer"},
+            {"orgId": ops, "name": "Ops", "role": "Admin"},
+        ])
+    );
+
+    // X-Grafana-Org-Id (or ?targetOrgId) runs the request in that org.
+    let (h, v) = with(ops);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/org",
+        &[("authorization", &auth), (&h, &v)],
+        None,
+    )
+    .await;
+    assert_eq!(a.body.to_string(), format!(r#"{{"id":{ops},"name":"Ops"}}"#));
+    let a = call(
+        &stub,
+        "GET",
+        &format!("/api/org?targetOrgId={ops}"),
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["id"], ops);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("authorization", &auth), (&h, &v)],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["orgId"], 1, "/api/user reports the user row's current org");
+    // The role is the one in that org.
+    let search = "/api/serviceaccounts/search";
+    let a = call(&stub, "GET", search, &[("authorization", &auth), (&h, &v)], None).await;
+    assert_eq!(a.status, 200, "Admin in Ops: {}", a.body);
+    let a = call(&stub, "GET", search, &[("authorization", &auth)], None).await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (403, Some("Permission denied"))
+    );
+
+    // Not a member: still signed in, but no permission in that org.
+    let (h3, v3) = with(secret);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/org",
+        &[("authorization", &auth), (&h3, &v3)],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, a.body["title"].as_str()), (403, Some("Access denied")));
+    assert_eq!(
+        a.body["message"],
+        "You'll need additional permissions to perform this action. Permissions needed: orgs:read"
+    );
+    assert!(a.body["accessErrorId"].as_str().unwrap().starts_with("ACE"));
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("authorization", &auth), (&h3, &v3)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let a = call(
+        &stub,
+        "GET",
+        search,
+        &[("authorization", &auth), (&h3, &v3)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    // A session selects orgs the same way.
+    let session = format!("grafana_session={}", stub.login("multi", "multi-pw").unwrap());
+    let a = call(&stub, "GET", "/api/org", &[("cookie", &session), (&h, &v)], None).await;
+    assert_eq!(a.body["id"], ops);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/org",
+        &[("cookie", &session), (&h3, &v3)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    // Something that is not a number is no org at all.
+    let a = call(
+        &stub,
+        "GET",
+        "/api/org",
+        &[("cookie", &session), ("x-grafana-org-id", "ops")],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["id"], 1);
+
+    // Switching the current org: members only.
+    let a = call(
+        &stub,
+        "POST",
+        &format!("/api/user/using/{ops}"),
+        &[("cookie", &session)],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (200, Some("Active organization changed"))
+    );
+    let a = call(&stub, "GET", "/api/user", &[("cookie", &session)], None).await;
+    assert_eq!(a.body["orgId"], ops);
+    let a = call(&stub, "GET", "/api/org", &[("cookie", &session)], None).await;
+    assert_eq!(a.body["id"], ops);
+    let a = call(
+        &stub,
+        "POST",
+        &format!("/api/user/using/{secret}"),
+        &[("cookie", &session)],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body["message"].as_str()),
+        (401, Some("Not a valid organization"))
+    );
+
+    // Tokens and keys belong to one org: another one is refused.
+    let sa = stub.add_service_account("main-sa", "Viewer");
+    let (_, token) = stub.add_sa_token(sa, "t", None);
+    let (_, key) = stub.add_api_key("main-key", "Viewer", None);
+    for credential in [&token, &key] {
+        let bearer = bearer(credential);
+        let a = call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer), (&h, &v)],
+            None,
+        )
+        .await;
+        assert_eq!(
+            (a.status, a.body["messageId"].as_str(), a.body["message"].as_str()),
+            (
+                401,
+                Some("api-key.organization-mismatch"),
+                Some("API key does not belong to the requested organization")
+            )
+        );
+        let (h1, v1) = with(1);
+        let a = call(
+            &stub,
+            "GET",
+            "/api/org",
+            &[("authorization", &bearer), (&h1, &v1)],
+            None,
+        )
+        .await;
+        assert_eq!(a.body["id"], 1);
+    }
+    let ops_sa = stub.add_service_account_in(ops, "ops-sa", "Editor");
+    let (_, ops_token) = stub.add_sa_token(ops_sa, "t", None);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/org",
+        &[("authorization", &bearer(&ops_token))],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["id"], ops, "a token's own org when none is asked for");
+    let (h1, v1) = with(1);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/org",
+        &[("authorization", &bearer(&ops_token)), (&h1, &v1)],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["messageId"], "api-key.organization-mismatch");
+    // Service accounts are listed in their org only.
+    let admin = basic("admin", "admin");
+    let a = call(&stub, "GET", search, &[("authorization", &admin)], None).await;
+    assert_eq!(a.body["totalCount"], 1);
+    let a = call(
+        &stub,
+        "GET",
+        &format!("/api/serviceaccounts/{ops_sa}"),
+        &[("authorization", &admin)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 404);
+
+    // Removed from one org: still a user; from the last one: deleted.
+    let a = call(
+        &stub,
+        "DELETE",
+        &format!("/api/org/users/{multi}"),
+        &[("authorization", &admin)],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["message"], "User removed from organization");
+    let a = call(&stub, "GET", "/api/user/orgs", &[("cookie", &session)], None).await;
+    assert_eq!(a.body.as_array().map(Vec::len), Some(1));
+    stub.add_org_member(ops, 1, "Admin");
+    let (h, v) = with(ops);
+    let a = call(
+        &stub,
+        "DELETE",
+        &format!("/api/org/users/{multi}"),
+        &[("authorization", &admin), (&h, &v)],
+        None,
+    )
+    .await;
+    assert_eq!(a.body["message"], "User deleted", "{}", a.body);
+    assert_eq!(
+        call(&stub, "GET", "/api/user", &[("cookie", &session)], None)
+            .await
+            .status,
+        401
+    );
+}
