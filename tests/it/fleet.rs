@@ -22,10 +22,10 @@ use reqwest::StatusCode;
 use crate::support::{self, client, Gateway};
 
 /// Shared HMAC key of the test fleets (never a credential).
-const FLEET_KEY: &str = "fleet-test-hmac-key-0123456789abcdef";
+pub(crate) const FLEET_KEY: &str = "fleet-test-hmac-key-0123456789abcdef";
 
 /// A `redis-server` of our own, on a free loopback port.
-struct RedisServer {
+pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
     password: Option<String>,
@@ -41,7 +41,7 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
-    async fn start(password: Option<&str>) -> RedisServer {
+    pub(crate) async fn start(password: Option<&str>) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port: free_port(),
@@ -100,7 +100,7 @@ impl RedisServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         match &self.password {
             Some(p) => format!("redis://:{p}@127.0.0.1:{}/", self.port),
             None => format!("redis://127.0.0.1:{}/", self.port),
@@ -142,7 +142,7 @@ impl RedisServer {
     }
 
     /// Fails if any key or value contains any of `secrets`.
-    async fn assert_no_secret(&self, secrets: &[&str]) -> usize {
+    pub(crate) async fn assert_no_secret(&self, secrets: &[&str]) -> usize {
         let dump = self.dump().await;
         for (key, value) in &dump {
             for secret in secrets {
@@ -164,7 +164,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn fleet_config(stub: &GrafanaStub, redis_url: &str) -> (Config, tempfile::TempDir) {
+pub(crate) fn fleet_config(stub: &GrafanaStub, redis_url: &str) -> (Config, tempfile::TempDir) {
     let (mut config, dir) = support::config(&stub.url());
     config.cache.redis.url = redis_url.to_owned();
     // Generous for a loaded CI machine: the revocation tests prove the
@@ -173,7 +173,7 @@ fn fleet_config(stub: &GrafanaStub, redis_url: &str) -> (Config, tempfile::TempD
     (config, dir)
 }
 
-async fn start_gateway(config: Config, dir: tempfile::TempDir) -> Gateway {
+pub(crate) async fn start_gateway(config: Config, dir: tempfile::TempDir) -> Gateway {
     support::start_with_key(config, dir, Some(FLEET_KEY.to_owned())).await
 }
 
@@ -189,7 +189,7 @@ async fn pair(stub: &GrafanaStub, redis: &RedisServer, tweak: impl Fn(&mut Confi
     (a, b)
 }
 
-fn stats(gw: &Gateway) -> &SharedStats {
+pub(crate) fn stats(gw: &Gateway) -> &SharedStats {
     &gw.running()
         .gateway
         .cache()
@@ -198,32 +198,35 @@ fn stats(gw: &Gateway) -> &SharedStats {
         .stats
 }
 
-fn load(counter: &AtomicU64) -> u64 {
+pub(crate) fn load(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
 #[derive(Clone)]
-enum Auth {
+pub(crate) enum Auth {
     Bearer(String),
     Basic(String, String),
     Session(String),
+    /// A session cookie of another name (PMM's `pmm_session`).
+    Cookie(String, String),
 }
 
 impl Auth {
-    fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    pub(crate) fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match self {
             Auth::Bearer(token) => request.bearer_auth(token),
             Auth::Basic(user, password) => request.basic_auth(user, Some(password)),
             Auth::Session(value) => request.header("Cookie", format!("grafana_session={value}")),
+            Auth::Cookie(name, value) => request.header("Cookie", format!("{name}={value}")),
         }
     }
 }
 
-fn admin() -> Auth {
+pub(crate) fn admin() -> Auth {
     Auth::Basic("admin".into(), "admin".into())
 }
 
-async fn call(
+pub(crate) async fn call(
     http: &reqwest::Client,
     gw: &Gateway,
     method: reqwest::Method,
@@ -237,7 +240,7 @@ async fn call(
         .status()
 }
 
-async fn get(http: &reqwest::Client, gw: &Gateway, path: &str, auth: &Auth) -> StatusCode {
+pub(crate) async fn get(http: &reqwest::Client, gw: &Gateway, path: &str, auth: &Auth) -> StatusCode {
     call(http, gw, reqwest::Method::GET, path, auth).await
 }
 
@@ -302,15 +305,17 @@ async fn verified_on_one_gateway_is_served_by_another_without_verification() {
 }
 
 /// Warms `auth` on both gateways (B from Redis, then from memory), runs the
-/// revoking call on A, and checks B's very next request.
-async fn revoked_on_a_is_refused_on_b<F, Fut>(
+/// revoking call on A, and checks B's very next request. Returns the time
+/// from sending the revoking call to B's refusal.
+pub(crate) async fn revoked_on_a_is_refused_on_b<F, Fut>(
     a: &Gateway,
     b: &Gateway,
     auth: &Auth,
     path: &str,
     refused: StatusCode,
     revoke: F,
-) where
+) -> Duration
+where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = StatusCode>,
 {
@@ -321,6 +326,7 @@ async fn revoked_on_a_is_refused_on_b<F, Fut>(
     assert!(!b.running().gateway.cache().is_empty(), "B holds it in memory");
 
     let received = load(&stats(b).evictions_received);
+    let started = Instant::now();
     let status = revoke().await;
     assert!(
         status.is_success() || status.is_redirection(),
@@ -338,7 +344,9 @@ async fn revoked_on_a_is_refused_on_b<F, Fut>(
     );
     // …so its very next request is refused.
     assert_eq!(get(&http, b, path, auth).await, refused, "B's next request");
+    let took = started.elapsed();
     assert_eq!(get(&http, a, path, auth).await, refused, "A's next request");
+    took
 }
 
 #[tokio::test]

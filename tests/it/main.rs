@@ -4,5 +4,6 @@
 mod auth;
 mod fleet;
 mod foundation;
+mod revocations;
 mod sessions;
 mod support;
