@@ -180,3 +180,94 @@ async fn grafana_10_4_tokens_travel_as_credentials_never_as_one_shared_identity(
         .unwrap();
     assert_eq!(response.status(), 401);
 }
+
+const ADMIN_AREA: &str = "/admin-area";
+
+async fn org_echo(
+    gw: &Gateway,
+    path: &str,
+    apply: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    org: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut request = apply(client().get(format!("{}{path}", gw.url)));
+    if let Some(org) = org {
+        request = request.header("X-Grafana-Org-Id", org);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_request_is_judged_with_the_callers_role_in_the_org_it_selects() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    let user = stub.add_user("multi", "multi-pw-1", "Viewer", false);
+    let ops = stub.add_org("Ops");
+    stub.add_org_member(ops, user, "Admin");
+    let lab = stub.add_org("Lab");
+    let gw = start(&stub, |config| {
+        config.routes.push(portcullis::config::RouteConfig {
+            prefix: ADMIN_AREA.into(),
+            method: None,
+            host: None,
+            min_role: portcullis::auth::Role::Admin,
+            upstream: None,
+            rewrite: None,
+            forward_credentials: true,
+            inject_identity: true,
+        });
+    })
+    .await;
+    let ops = ops.to_string();
+    let lab = lab.to_string();
+    let session = stub.login("multi", "multi-pw-1").expect("login");
+    let cookie = format!("{}={session}", stub.session_cookie_name());
+    let basic = |r: reqwest::RequestBuilder| r.basic_auth("multi", Some("multi-pw-1"));
+    let browser = |r: reqwest::RequestBuilder| r.header(COOKIE, &cookie);
+
+    for (how, apply) in [
+        (
+            "basic",
+            &basic as &dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+        ),
+        ("session", &browser),
+    ] {
+        // The current org (1): Viewer there.
+        let (status, body) = org_echo(&gw, ADMIN_AREA, apply, None).await;
+        assert_eq!(status, 403, "{how}: {body}");
+        assert_eq!(body["message"], "Permission denied");
+        // Org Ops, where the user is Admin: allowed, and Grafana hears of it.
+        let (status, echo) = org_echo(&gw, ADMIN_AREA, apply, Some(&ops)).await;
+        assert_eq!(status, 200, "{how}: {echo}");
+        let headers = &echo["headers"];
+        assert_eq!(headers["x-webauth-org-id"][0], ops, "{how}: {headers}");
+        assert_eq!(headers["x-webauth-role"][0], "Admin", "{how}: {headers}");
+        assert_eq!(headers["x-grafana-org-id"][0], ops, "{how}: {headers}");
+        // The same org through the query parameter Grafana also reads.
+        let (status, _) = org_echo(&gw, &format!("{ADMIN_AREA}?targetOrgId={ops}"), apply, None).await;
+        assert_eq!(status, 200, "{how}");
+        // Not a member of Lab: refused in the JSON form, whatever the route.
+        let (status, body) = org_echo(&gw, "/__stub/echo/x", apply, Some(&lab)).await;
+        assert_eq!(status, 403, "{how}: {body}");
+        assert_eq!(body["message"], "Permission denied");
+        // Header and query that disagree, or no org at all: a bad request.
+        let (status, _) = org_echo(&gw, &format!("{ADMIN_AREA}?targetOrgId=1"), apply, Some(&ops)).await;
+        assert_eq!(status, 400, "{how}");
+        let (status, body) = org_echo(&gw, ADMIN_AREA, apply, Some("ops")).await;
+        assert_eq!(status, 400, "{how}: {body}");
+        assert!(body["message"].as_str().unwrap().contains("X-Grafana-Org-Id"));
+    }
+
+    // A token belongs to its one org: another org is refused, not ignored.
+    let sa = stub.add_service_account("org-one-viewer", "Viewer");
+    let (_, token) = stub.add_sa_token(sa, "t", None);
+    let bearer = |r: reqwest::RequestBuilder| r.bearer_auth(&token);
+    let viewer_path = "/__stub/echo/token";
+    assert_eq!(org_echo(&gw, viewer_path, bearer, None).await.0, 200);
+    assert_eq!(org_echo(&gw, viewer_path, bearer, Some("1")).await.0, 200);
+    let (status, body) = org_echo(&gw, viewer_path, bearer, Some(&ops)).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["message"], "Permission denied");
+}
