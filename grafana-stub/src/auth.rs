@@ -137,6 +137,11 @@ impl ApiError {
         }
     }
 
+    /// Grafana's `authn.ErrTokenNeedsRotation`.
+    pub fn is_rotation(&self) -> bool {
+        self.body["messageId"] == "session.token.rotate"
+    }
+
     fn session_needs_rotation() -> ApiError {
         ApiError::authn(StatusCode::UNAUTHORIZED, "session.token.rotate", "Unauthorized")
     }

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::auth::{self, ApiError, Caller, Principal};
 use crate::clock::rfc3339;
 use crate::credentials::{LegacyKey, SaToken};
+use crate::pages;
 use crate::store::{self, ApiKey, Conflict, LookupError, Role, ServiceAccount, Session, User};
 use crate::{Flavor, Shared};
 
@@ -539,7 +540,10 @@ fn grafana_path<'a>(sub_path: &str, path: &'a str) -> (bool, &'a str) {
 
 async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
     let flavor = shared.settings.flavor;
-    let (_under_sub_path, path) = grafana_path(&shared.settings.sub_path, &req.path);
+    let (under_sub_path, path) = grafana_path(&shared.settings.sub_path, &req.path);
+    // The UI lives where Grafana is served: under the sub path when there
+    // is one (un-prefixed `/` and `/d/…` then echo, as before).
+    let ui = under_sub_path || shared.settings.sub_path.is_empty();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (&req.method, segs.as_slice()) {
         (&Method::GET, ["api", "health"]) => ok(json!({
@@ -548,7 +552,7 @@ async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, Api
             "version": flavor.grafana_version(),
         })),
         (&Method::POST, ["login"]) => login(shared, req).await,
-        (&Method::GET, ["login"]) => Ok(html("<!doctype html><title>Grafana</title><p>Log in</p>")),
+        (&Method::GET, ["login"]) => Ok(login_view(shared, req).await),
         (&Method::GET, ["logout"]) => logout(shared, req).await,
         // Outside the signed-in middleware in Grafana: the cookie decides.
         (&Method::POST, ["api", "user", "auth-tokens", "rotate"]) => rotate(shared, req),
@@ -560,6 +564,7 @@ async fn dispatch(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, Api
                 .ok_or_else(ApiError::unauthorized)?;
             api_call(shared, req, &caller, api).await
         }
+        (&Method::GET, [""] | ["d", ..]) if ui => Ok(page(shared, req).await),
         (&Method::GET, ["v1", "version"] | ["v1", "server", "version"])
             if flavor == Flavor::Pmm && path == req.path =>
         {
@@ -583,7 +588,6 @@ fn redirect(location: &str) -> Response<Body> {
     response
 }
 
-#[allow(dead_code)] // used by the UI pages
 /// Go's `url.QueryEscape`: unreserved bytes stay, space becomes `+`, the
 /// rest `%XX` (upper case).
 fn query_escape(s: &str) -> String {
@@ -622,7 +626,6 @@ fn query_unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[allow(dead_code)] // used by the UI pages
 /// Grafana's `getRedirectToQueryParam` (`pkg/middleware/auth.go`): the
 /// request URI without the sub path, `forceLogin=true` removed, as
 /// `?redirectTo=<QueryEscape>`; nothing for `/`.
@@ -656,6 +659,61 @@ fn valid_redirect(shared: &Shared, to: &str) -> bool {
         && !path.contains("://")
         && !path.contains('\\')
         && (sub.is_empty() || path.starts_with(&format!("{sub}/")))
+}
+
+/// `GET {sub}/login` (Grafana's `LoginView`): a signed-in caller is sent on
+/// (to `redirectTo` when it is a valid local path, else `{sub}/`); anyone
+/// else gets the login form (`pages::login_page`).
+async fn login_view(shared: &Arc<Shared>, req: &Req) -> Response<Body> {
+    let sub = &shared.settings.sub_path;
+    if let Ok(Some(_)) = auth::authenticate(shared, &req.headers, req.peer, req.org()).await {
+        let target = format!(
+            "{sub}{}",
+            req.raw_query_param("redirectTo")
+                .map(query_unescape)
+                .unwrap_or_default()
+        );
+        return if valid_redirect(shared, &target) {
+            redirect(&target)
+        } else {
+            redirect(&format!("{sub}/"))
+        };
+    }
+    html(pages::login_page(sub))
+}
+
+/// A frontend route (`{sub}/`, `{sub}/d/…`), behind Grafana's signed-in
+/// middleware (`pkg/middleware/auth.go`, anonymous access off): any
+/// credential Grafana accepts serves the app page (`pages::app_page`);
+/// without one the browser is redirected to `{sub}/login?redirectTo=…`
+/// (`notAuthorized` with useSessionStorageForRedirection, on by default in
+/// 11.x), deleting an invalid session cookie as the context handler does;
+/// a session that needs rotation goes to `{sub}/user/auth-tokens/rotate?
+/// redirectTo=…` instead, which rotates and comes back — page loads rotate
+/// on the server, API calls through the frontend.
+async fn page(shared: &Arc<Shared>, req: &Req) -> Response<Body> {
+    let sub = shared.settings.sub_path.clone();
+    match auth::authenticate(shared, &req.headers, req.peer, req.org()).await {
+        Ok(Some(caller)) => {
+            let login = caller
+                .user_id()
+                .and_then(|id| shared.store().users.get(&id).map(|u| u.login.clone()))
+                .unwrap_or_default();
+            html(pages::app_page(&sub, caller.org_id, &login))
+        }
+        Ok(None) => redirect(&format!("{sub}/login{}", redirect_to_param(shared, req))),
+        Err(e) if e.is_rotation() => redirect(&format!(
+            "{sub}/user/auth-tokens/rotate{}",
+            redirect_to_param(shared, req)
+        )),
+        Err(e) => {
+            let mut response = redirect(&format!("{sub}/login{}", redirect_to_param(shared, req)));
+            if e.clear_session {
+                add_cookies(&mut response, &clear_cookies(shared));
+            }
+            response
+        }
+    }
 }
 
 /// `GET /user/auth-tokens/rotate` (`RotateUserAuthTokenRedirect`, where the
@@ -694,8 +752,8 @@ fn rotate_redirect(shared: &Arc<Shared>, req: &Req) -> Response<Body> {
     }
 }
 
-fn html(body: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn html(body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=UTF-8"));

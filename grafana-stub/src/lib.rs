@@ -18,6 +18,7 @@ mod auth;
 mod clock;
 pub mod credentials;
 mod handlers;
+mod pages;
 mod server;
 mod store;
 

@@ -1626,3 +1626,105 @@ async fn organisations_memberships_and_org_selection() {
         401
     );
 }
+
+async fn raw_text(stub: &GrafanaStub, path: &str, cookie: Option<&str>) -> (u16, HeaderMap, String) {
+    let stream = tokio::net::TcpStream::connect(stub.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut request = Request::builder().method("GET").uri(path).header("host", "stub");
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn login_form_app_page_and_page_redirects() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    let (status, headers, _) = raw_text(&stub, "/d/abc/my-dash?orgId=1", None).await;
+    assert_eq!(status, 302);
+    assert_eq!(
+        headers["location"],
+        "/login?redirectTo=%2Fd%2Fabc%2Fmy-dash%3ForgId%3D1"
+    );
+    let (status, headers, _) = raw_text(&stub, "/", None).await;
+    assert_eq!((status, headers["location"].to_str().unwrap()), (302, "/login"));
+    let (status, headers, body) = raw_text(&stub, "/login?redirectTo=%2Fd%2Fabc", None).await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(body.contains(r#"id="login-form""#) && body.contains(r#"const APP_SUB_URL = "";"#));
+
+    let session = stub.login("admin", "admin").unwrap();
+    let cookie = format!("grafana_session={session}");
+    let (status, _, body) = raw_text(&stub, "/d/abc?orgId=1", Some(&cookie)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("window.__stub") && body.contains("const ORG_ID = 1;"));
+    // Signed in: the login page sends the browser on.
+    let (status, headers, _) = raw_text(&stub, "/login?redirectTo=%2Fd%2Fabc", Some(&cookie)).await;
+    assert_eq!((status, headers["location"].to_str().unwrap()), (302, "/d/abc"));
+
+    // A page load with a session due for rotation rotates on the server.
+    stub.advance_clock(Duration::from_secs(11 * 60));
+    let (status, headers, _) = raw_text(&stub, "/d/abc?orgId=1", Some(&cookie)).await;
+    assert_eq!(status, 302);
+    let location = headers["location"].to_str().unwrap().to_owned();
+    assert_eq!(
+        location,
+        "/user/auth-tokens/rotate?redirectTo=%2Fd%2Fabc%3ForgId%3D1"
+    );
+    let (status, headers, _) = raw_text(&stub, &location, Some(&cookie)).await;
+    assert_eq!(
+        (status, headers["location"].to_str().unwrap()),
+        (302, "/d/abc?orgId=1")
+    );
+    let rotated = cookie_value(&headers, "grafana_session").expect("new cookie");
+    let (status, _, _) = raw_text(
+        &stub,
+        "/d/abc?orgId=1",
+        Some(&format!("grafana_session={rotated}")),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // An unknown session: to the login page, cookie deleted.
+    let (status, headers, _) = raw_text(&stub, "/d/x", Some("grafana_session=nope")).await;
+    assert_eq!(
+        (status, headers["location"].to_str().unwrap()),
+        (302, "/login?redirectTo=%2Fd%2Fx")
+    );
+    assert_eq!(cookie_value(&headers, "grafana_session").as_deref(), Some(""));
+    // Other paths still echo.
+    let a = call(&stub, "GET", "/__stub/echo/x", &[], None).await;
+    assert_eq!(a.body["path"], "/__stub/echo/x");
+}
+
+#[tokio::test]
+async fn pmm_pages_live_under_graph() {
+    let stub = GrafanaStub::start(Flavor::Pmm).await;
+    let (status, headers, _) = raw_text(&stub, "/graph/d/abc?orgId=1", None).await;
+    assert_eq!(status, 302);
+    assert_eq!(
+        headers["location"],
+        "/graph/login?redirectTo=%2Fd%2Fabc%3ForgId%3D1"
+    );
+    let (status, _, body) = raw_text(&stub, "/graph/login?redirectTo=%2Fd%2Fabc", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains(r#"const APP_SUB_URL = "/graph";"#));
+    let cookie = format!("pmm_session={}", stub.login("admin", "admin").unwrap());
+    for path in ["/graph/", "/graph", "/graph/d/abc"] {
+        let (status, _, body) = raw_text(&stub, path, Some(&cookie)).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(body.contains("window.__stub"), "{path}");
+    }
+    // Un-prefixed, they are not Grafana's pages in PMM.
+    let a = call(&stub, "GET", "/d/abc", &[("cookie", &cookie)], None).await;
+    assert_eq!(a.body["path"], "/d/abc");
+}
