@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -147,11 +147,12 @@ impl HostPool {
     }
 
     /// The most recently used live connection (its buffers and the
-    /// upstream's socket state are the warmest).
+    /// upstream's socket state are the warmest). One that heard anything
+    /// while idle is closed, and the next one tried.
     fn take_idle(&self) -> Option<Conn> {
         let mut idle = self.idle();
         while let Some(entry) = idle.pop() {
-            if entry.since.elapsed() < self.idle_timeout && looks_open(&entry.conn.stream) {
+            if entry.since.elapsed() < self.idle_timeout && is_quiet(&entry.conn.stream) {
                 let mut conn = entry.conn;
                 conn.reused = true;
                 return Some(conn);
@@ -446,7 +447,13 @@ async fn send_and_read_head(
     loop {
         if !read.is_empty() {
             match parse_head(read) {
-                Ok(Some(head)) if head.status.is_informational() => continue,
+                // 101 is no interim answer: it ends the exchange, and
+                // `respond` refuses it (no request here asked to upgrade).
+                Ok(Some(head))
+                    if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    continue
+                }
                 Ok(Some(head)) => return Ok(head),
                 Ok(None) => {}
                 Err(e) => return Err((e, false)),
@@ -477,12 +484,27 @@ async fn within<T>(
         .unwrap_or(Err(ExchangeError::ResponseTimeout))
 }
 
-/// An idle connection has nothing to say: if the reactor has seen it become
-/// readable, the upstream closed it (or sent stray bytes). Asking the
-/// reactor costs no system call.
-fn looks_open(stream: &TcpStream) -> bool {
+/// An idle connection has nothing to say. Any byte that came while it sat
+/// in the pool would be read as the next request's answer (another user's
+/// data, if a broken upstream sent a second answer late), and an end of
+/// stream means the upstream closed it: either way it is not reused, as
+/// nginx closes such a connection from its keep-alive read handler.
+///
+/// The reactor's flag is free to ask but only knows what the runtime has
+/// already polled (on a busy runtime, bytes that came since its last turn
+/// go unseen), so a non-blocking peek then asks the socket itself: one
+/// system call per reuse.
+fn is_quiet(stream: &TcpStream) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
-    stream.poll_read_ready(&mut cx).is_pending()
+    if stream.poll_read_ready(&mut cx).is_ready() {
+        return false;
+    }
+    let mut byte = [MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(stream).recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        // A byte, or the end of the stream.
+        Ok(_) => false,
+    }
 }
 
 /// `METHOD path?query HTTP/1.1`, a Host if the request has none, and the
@@ -676,10 +698,9 @@ impl Decoder {
                 }
                 Decoder::Chunked(state) => match state {
                     Chunk::Size => {
-                        let Some(line) = take_line(buf)? else {
+                        let Some(size) = take_chunk_size(buf)? else {
                             return Ok(Decoded::NeedMore);
                         };
-                        let size = chunk_size(&line)?;
                         *state = if size == 0 {
                             Chunk::Trailers
                         } else {
@@ -742,18 +763,30 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, ExchangeError> {
     }
 }
 
-/// The hexadecimal size before any `;extension`.
-fn chunk_size(line: &[u8]) -> Result<u64, ExchangeError> {
-    let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
-        return Err(ExchangeError::Malformed("bad chunk size"));
+/// A chunk-size line (hexadecimal size, any `;extension`, CRLF) off the
+/// front of `buf`, parsed by httparse; `None` until the line is complete.
+fn take_chunk_size(buf: &mut BytesMut) -> Result<Option<u64>, ExchangeError> {
+    const BAD: ExchangeError = ExchangeError::Malformed("bad chunk size");
+    // httparse reads an empty size as 0, the last chunk: a size has digits.
+    if buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
+        return Err(BAD);
     }
-    digits.iter().try_fold(0u64, |n, &b| {
-        let digit = (b as char)
-            .to_digit(16)
-            .ok_or(ExchangeError::Malformed("bad chunk size"))?;
-        Ok(n << 4 | u64::from(digit))
-    })
+    match httparse::parse_chunk_size(buf) {
+        Ok(httparse::Status::Complete((len, size))) => {
+            // httparse takes a bare LF inside an extension as part of it;
+            // any other reader ends the line there.
+            if buf[..len - 2].contains(&b'\n') {
+                return Err(BAD);
+            }
+            buf.advance(len);
+            Ok(Some(size))
+        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_LINE => {
+            Err(ExchangeError::Malformed("chunk line too long"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::InvalidChunkSize) => Err(BAD),
+    }
 }
 
 #[cfg(test)]
@@ -798,6 +831,57 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn chunk_size_lines_are_read_by_httparse() {
+        let size = |line: &[u8]| take_chunk_size(&mut BytesMut::from(line));
+        assert_eq!(size(b"1a;name=\"v\" \r\nrest").unwrap(), Some(26));
+        assert_eq!(size(b"FFFF\r\n").unwrap(), Some(0xffff));
+        assert_eq!(size(b"0\r\n").unwrap(), Some(0));
+        assert_eq!(size(b"1a;name").unwrap(), None, "a partial line waits");
+        for bad in [
+            &b"\r\n"[..],
+            b";ext\r\n",
+            b" 5\r\n",
+            b"5;a\nb\r\n",
+            b"5\n",
+            b"-5\r\n",
+        ] {
+            assert!(size(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let mut long = BytesMut::from(&b"5;"[..]);
+        long.extend_from_slice(&[b'x'; MAX_LINE]);
+        assert!(take_chunk_size(&mut long).is_err(), "an endless extension");
+        let mut buf = BytesMut::from(&b"5;x=1\r\nhello"[..]);
+        assert_eq!(take_chunk_size(&mut buf).unwrap(), Some(5));
+        assert_eq!(&buf[..], b"hello", "the line and only the line is taken");
+    }
+
+    /// The check at reuse asks the socket, not only the reactor: here the
+    /// runtime does not turn between the upstream's byte (or close) and the
+    /// check, as on a busy gateway.
+    #[tokio::test]
+    async fn idle_connections_that_heard_anything_are_not_reused() {
+        use std::io::Write;
+        for what in ["nothing", "a byte", "an end of stream"] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+            let pool = HostPool::new(authority, &UpstreamConfig::default());
+            let conn = pool.connect().await.unwrap();
+            let (mut upstream, _) = listener.accept().unwrap();
+            pool.give_back(conn);
+            match what {
+                "a byte" => upstream.write_all(b"H").unwrap(),
+                "an end of stream" => upstream.shutdown(std::net::Shutdown::Write).unwrap(),
+                _ => {}
+            }
+            // Blocks the runtime's only thread: no reactor turn meanwhile.
+            std::thread::sleep(Duration::from_millis(50));
+            let reused = pool.take_idle().is_some();
+            assert_eq!(reused, what == "nothing", "idle connection that heard {what}");
+            assert!(pool.idle().is_empty());
         }
     }
 

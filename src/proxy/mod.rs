@@ -336,6 +336,9 @@ impl Forwarder {
                             .any(|t| chain.contains(t))
                         {
                             ProxyError::Timeout
+                        } else if is_parse_error(&e) {
+                            // As the direct exchange says of what it cannot parse.
+                            ProxyError::InvalidResponse(chain)
                         } else {
                             ProxyError::Unreachable(chain)
                         },
@@ -344,6 +347,18 @@ impl Forwarder {
                 Ok(Ok(response)) => response,
             };
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && !upgrading {
+            // hyper hands it over as an upgrade; no request here asked for one.
+            return Err(ProxyError::InvalidResponse(
+                "101 to a request that asked for no upgrade".into(),
+            ));
+        }
+        // hyper decodes a chunked body and keeps a Content-Length sent beside
+        // it; passed on, that length would cut the body short for the client
+        // (RFC 9112 §6.3: Transfer-Encoding wins, and the length goes).
+        if response.headers().contains_key(header::TRANSFER_ENCODING) {
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
         if let (true, Some(client_side)) = (switching, client_upgrade) {
             let upstream_side = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
@@ -362,6 +377,21 @@ impl Forwarder {
         strip_hop_by_hop(response.headers_mut(), upgrading && switching);
         Ok(response.map(Body::Pooled))
     }
+}
+
+/// Whether hyper's client failed on what the upstream sent (a response it
+/// could not parse) rather than on reaching it.
+fn is_parse_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// `base` (scheme and authority of the upstream) joined with a path and query.

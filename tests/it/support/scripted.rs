@@ -15,6 +15,23 @@
 //! - `/truncated`: promises 100 bytes, sends 10, closes
 //! - `/drop-after`: a keep-alive answer, then the connection is closed while
 //!   the gateway holds it idle, without saying so
+//! - `/stray/length`, `/stray/no-content`, `/stray/not-modified`: a keep-alive
+//!   answer (200 with a body, 204, 304; to HEAD the head only), then, while the
+//!   gateway holds the connection idle, [`STRAY_DELAY`] later, a second
+//!   complete answer nobody asked for ([`STRAY_BODY`], `X-Path: stray`)
+//! - `/switching`: `101 Switching Protocols` to a request that asked for no
+//!   upgrade, then a complete `200`, then close
+//! - `/interim`: `100` and `102` before the real answer
+//! - `/http10`: an HTTP/1.0 answer without a length, ended by close
+//! - `/gzip-until-close`: `Transfer-Encoding: gzip` (not chunked): ended by close
+//! - `/no-content-with-body`: a 204 with a body after it (a broken upstream)
+//! - `/bad-chunk-size`, `/chunk-overrun`, `/chunked-truncated`: broken chunked
+//!   bodies (a size that is not hex, data longer than its size, close
+//!   mid-chunk)
+//! - `/conflicting-length`, `/negative-length`: unusable `Content-Length`s
+//! - `/head-truncated`: close inside the head
+//! - `/empty-close`: close without a byte
+//! - `/silent`: no answer for 10 s
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,17 +43,54 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 pub const BODY: &str = "hello from the scripted upstream";
+/// What a `/stray/...` connection sends unasked after its answer.
+pub const STRAY_BODY: &str = "STRAY: an answer meant for nobody";
+/// How long after its answer a `/stray/...` connection sends [`STRAY_BODY`].
+pub const STRAY_DELAY: Duration = Duration::from_millis(300);
 
 pub struct Scripted {
     pub url: String,
     /// Connections accepted so far.
     pub connections: Arc<AtomicU64>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
+    /// Ends the runtime of [`start_on_own_thread`].
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for Scripted {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The same upstream on a runtime of its own, in its own thread: it keeps
+/// to its script while the test's runtime is blocked.
+pub fn start_on_own_thread() -> Scripted {
+    let (started, up) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let up = start().await;
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let _ = started.send((up.url.clone(), up.connections.clone(), stop));
+            // Until told, or until the handle is gone.
+            let _ = stopped.await;
+        });
+    });
+    let (url, connections, stop) = up.recv().expect("scripted upstream started");
+    Scripted {
+        url,
+        connections,
+        task: None,
+        stop: Some(stop),
     }
 }
 
@@ -54,7 +108,8 @@ pub async fn start() -> Scripted {
     Scripted {
         url: format!("http://{addr}"),
         connections,
-        task,
+        task: Some(task),
+        stop: None,
     }
 }
 
@@ -104,6 +159,78 @@ async fn serve(mut stream: TcpStream) {
             ),
             "/garbage" => ("SSH-2.0-OpenSSH_9.2\r\n\r\n".to_owned(), true),
             "/truncated" => ("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789".to_owned(), true),
+            "/stray/length" | "/stray/no-content" | "/stray/not-modified" => {
+                let answer = match path.as_str() {
+                    "/stray/length" => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Path: stray-first\r\n\r\n{}",
+                        BODY.len(),
+                        body(BODY)
+                    ),
+                    "/stray/no-content" => "HTTP/1.1 204 No Content\r\nX-Path: stray-first\r\n\r\n".to_owned(),
+                    _ => "HTTP/1.1 304 Not Modified\r\nETag: \"1\"\r\nX-Path: stray-first\r\n\r\n".to_owned(),
+                };
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(STRAY_DELAY).await;
+                let stray = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Path: stray\r\n\r\n{STRAY_BODY}",
+                    STRAY_BODY.len()
+                );
+                if stream.write_all(stray.as_bytes()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            "/switching" => (
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\
+                     HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Path: after-101\r\n\r\n{BODY}",
+                    BODY.len()
+                ),
+                true,
+            ),
+            "/interim" => (
+                format!(
+                    "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n\
+                     HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Path: interim\r\n\r\n{}",
+                    BODY.len(),
+                    body(BODY)
+                ),
+                false,
+            ),
+            "/http10" => (format!("HTTP/1.0 200 OK\r\nX-Path: http10\r\n\r\n{}", body(BODY)), true),
+            "/gzip-until-close" => (
+                format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}", body(BODY)),
+                true,
+            ),
+            "/no-content-with-body" => (
+                format!("HTTP/1.1 204 No Content\r\nContent-Length: {}\r\n\r\n{BODY}", BODY.len()),
+                false,
+            ),
+            "/bad-chunk-size" => (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_owned(),
+                true,
+            ),
+            "/chunk-overrun" => (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello, world\r\n0\r\n\r\n".to_owned(),
+                true,
+            ),
+            "/chunked-truncated" => (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc".to_owned(),
+                true,
+            ),
+            "/conflicting-length" => (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".to_owned(),
+                true,
+            ),
+            "/negative-length" => ("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhello".to_owned(), true),
+            "/head-truncated" => ("HTTP/1.1 200 OK\r\nContent-Le".to_owned(), true),
+            "/empty-close" => (String::new(), true),
+            "/silent" => {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                return;
+            }
             "/drop-after" => {
                 let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}", BODY.len(), body(BODY));
                 if stream.write_all(answer.as_bytes()).await.is_err() {
