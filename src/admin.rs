@@ -149,6 +149,7 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub cache: Arc<Cache>,
+    pub shield: Arc<crate::shield::Shield>,
 }
 
 impl Admin {
@@ -209,6 +210,20 @@ impl Admin {
             "portcullis_connections_refused_total",
             "Connections closed at accept because server.max_connections was reached.",
             &[("", load(&m.connections_refused))],
+        );
+        let shield = &self.shield.stats;
+        counter(
+            "portcullis_failed_checks_total",
+            "Credentials Grafana refused that the gateway had sent it to check (each counts towards Grafana's lock-out when it is a password).",
+            &[("", load(&shield.failures))],
+        );
+        counter(
+            "portcullis_throttled_total",
+            "Checks held back by the lock-out shield, by whose failure budget was used up.",
+            &[
+                ("{budget=\"login\"}", load(&shield.login_throttled)),
+                ("{budget=\"client\"}", load(&shield.client_throttled)),
+            ],
         );
         self.cache.render_metrics(&mut out);
         let _ = writeln!(

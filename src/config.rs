@@ -200,6 +200,21 @@ pub struct AuthConfig {
     pub session_cookie: String,
     pub grafana: GrafanaVerifierConfig,
     pub static_users: Vec<StaticUserConfig>,
+    /// Failed password checks that may reach Grafana per login within
+    /// `login_failure_window`. Must stay below Grafana's own lock-out
+    /// threshold (5 per 5 minutes), or strangers can lock users out.
+    pub login_failures: u32,
+    #[serde(with = "duration")]
+    pub login_failure_window: Duration,
+    /// How long a password that verified stays known-good: it still gets
+    /// through while strangers have used up its login's budget.
+    #[serde(with = "duration")]
+    pub known_good_for: Duration,
+    /// Refused credentials one client address may have checked at Grafana
+    /// within `client_failure_window`.
+    pub client_failures: u32,
+    #[serde(with = "duration")]
+    pub client_failure_window: Duration,
 }
 
 impl Default for AuthConfig {
@@ -210,6 +225,11 @@ impl Default for AuthConfig {
             session_cookie: "grafana_session".into(),
             grafana: GrafanaVerifierConfig::default(),
             static_users: Vec::new(),
+            login_failures: 4,
+            login_failure_window: Duration::from_secs(300),
+            known_good_for: Duration::from_secs(7 * 86_400),
+            client_failures: 30,
+            client_failure_window: Duration::from_secs(60),
         }
     }
 }
@@ -428,6 +448,32 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         check_http_url("upstream.url", &self.upstream.url)?;
+        let auth = &self.auth;
+        for (key, count, window) in [
+            (
+                "auth.login_failures",
+                auth.login_failures,
+                auth.login_failure_window,
+            ),
+            (
+                "auth.client_failures",
+                auth.client_failures,
+                auth.client_failure_window,
+            ),
+        ] {
+            if count == 0 || window.is_zero() {
+                return Err(ConfigError::key(
+                    key,
+                    "must be at least 1 within a window longer than zero (0 would refuse every new credential)",
+                ));
+            }
+        }
+        if auth.known_good_for < self.cache.ttl {
+            return Err(ConfigError::key(
+                "auth.known_good_for",
+                "must be at least cache.ttl: a verified password has to outlive its cache entry",
+            ));
+        }
         if !self.auth.grafana.url.is_empty() {
             check_http_url("auth.grafana.url", &self.auth.grafana.url)?;
         }

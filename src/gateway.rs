@@ -2,7 +2,7 @@
 //! headers → normalise → route → credential → identity → policy → forward →
 //! revoke on success. Each refusal is one `Refusal` variant with one answer.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,13 +14,14 @@ use hyper::body::Incoming;
 use crate::admin::Metrics;
 use crate::auth::org::{self, OrgError};
 use crate::auth::{
-    Credential, CredentialError, DenyReason, GrafanaRefusal, Identity, Role, Verifier, VerifyError,
+    Credential, CredentialError, DenyReason, GrafanaRefusal, Identity, Role, Verdict, Verifier, VerifyError,
 };
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, Profile};
 use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, TrustedProxies};
 use crate::revoke::{ManagementCall, Revocation};
 use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
+use crate::shield::{Checked, Shield, Throttle};
 
 /// Why a request was answered by the gateway itself.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +50,10 @@ pub enum Refusal {
     #[error("role too low")]
     Forbidden,
     #[error("verifier unavailable: {0}")]
-    VerifierUnavailable(#[from] VerifyError),
+    VerifierUnavailable(VerifyError),
+    /// The lock-out shield held the check back (`src/shield.rs`).
+    #[error("{0}")]
+    Throttled(VerifyError),
     #[error("{0}")]
     Proxy(#[from] ProxyError),
     #[error("cannot build the upstream request: {0}")]
@@ -57,6 +61,15 @@ pub enum Refusal {
     /// A browser without a (valid) session: sent to Grafana's login page.
     #[error("login required")]
     Login { redirect_to: String },
+}
+
+impl From<VerifyError> for Refusal {
+    fn from(e: VerifyError) -> Refusal {
+        match e {
+            VerifyError::Throttled { .. } => Refusal::Throttled(e),
+            e => Refusal::VerifierUnavailable(e),
+        }
+    }
 }
 
 impl Refusal {
@@ -70,6 +83,7 @@ impl Refusal {
             Refusal::BadCredential(_) | Refusal::NoCredential | Refusal::Refused => StatusCode::UNAUTHORIZED,
             Refusal::Forbidden => StatusCode::FORBIDDEN,
             Refusal::VerifierUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Proxy(e) => e.status(),
             Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::Login { .. } => StatusCode::FOUND,
@@ -87,6 +101,10 @@ impl Refusal {
             Refusal::BadCredential(_) | Refusal::NoCredential | Refusal::Refused => "Unauthorized".into(),
             Refusal::Forbidden => "Permission denied".into(),
             Refusal::VerifierUnavailable(_) => "Authentication service unavailable".into(),
+            Refusal::Throttled(VerifyError::Throttled { per_login: true, .. }) => {
+                "Too many failed logins for this user: try again later".into()
+            }
+            Refusal::Throttled(_) => "Too many failed attempts from this address: try again later".into(),
             Refusal::Proxy(ProxyError::Unreachable(_)) => "Bad gateway: upstream unreachable".into(),
             Refusal::Proxy(ProxyError::InvalidResponse(_)) => {
                 "Bad gateway: upstream sent an invalid response".into()
@@ -119,6 +137,12 @@ impl Refusal {
             body["reason"] = reason.into();
         }
         let mut response = json_response(self.status(), &body);
+        if let Refusal::Throttled(VerifyError::Throttled { retry_after, .. }) = &self {
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
         let redirect = match &self {
             Refusal::Login { redirect_to } => Some(("/login", redirect_to)),
             Refusal::Rotate { redirect_to } => Some(("/user/auth-tokens/rotate", redirect_to)),
@@ -250,6 +274,7 @@ pub struct Gateway {
     session_cookie: String,
     default_upstream: http::Uri,
     access_log: bool,
+    shield: Arc<Shield>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -261,7 +286,12 @@ struct Outcomes {
 }
 
 impl Gateway {
-    pub fn new(config: &Config, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Result<Gateway, crate::Error> {
+    pub fn new(
+        config: &Config,
+        cache: Arc<Cache>,
+        shield: Arc<Shield>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Gateway, crate::Error> {
         let routes = RouteTable::build(config.auth.profile, &config.routes)?;
         let default_upstream: http::Uri =
             config
@@ -287,6 +317,7 @@ impl Gateway {
             session_cookie: config.auth.session_cookie.clone(),
             default_upstream,
             access_log: config.log.access_log,
+            shield,
             metrics,
         })
     }
@@ -374,6 +405,7 @@ impl Gateway {
         let mut cache_key = None;
         // The identity the route was judged with, and the org it runs in.
         let mut judged = None;
+        let mut checked_password = None;
         if route.min_role != Role::None && !rotation {
             let Some(credential) = &credential else {
                 return Err(self.unauthenticated(&request, Refusal::NoCredential));
@@ -382,7 +414,9 @@ impl Gateway {
             cache_key = Some(key);
             let (outcome, source) = self
                 .cache
-                .resolve(key, || self.verifier.verify(credential))
+                .resolve(key, || {
+                    self.check(credential, key, self.client_ip(peer, request.headers()))
+                })
                 .await?;
             outcomes.source = Some(source);
             let identity = match outcome {
@@ -414,14 +448,39 @@ impl Gateway {
                 return Err(Refusal::Forbidden);
             }
             judged = Some((identity, org_id));
+        } else if let Some(password @ Credential::Password { .. }) =
+            credential.as_ref().filter(|_| route.forward_credentials)
+        {
+            // A password on its way to Grafana unjudged (an anonymous route):
+            // every wrong one Grafana saw would count towards locking its
+            // user out, so it is checked here, behind the shield, first.
+            let key = self.cache.keyer.key(password);
+            cache_key = Some(key);
+            let client = self.client_ip(peer, request.headers());
+            let (outcome, source) = self
+                .cache
+                .resolve(key, || self.check(password, key, client))
+                .await?;
+            outcomes.source = Some(source);
+            match outcome {
+                Outcome::Allowed(identity) => checked_password = Some(identity),
+                Outcome::Denied(_) => return Err(Refusal::Refused),
+            }
         }
         // A call that revokes the caller's own credentials on a route that
         // needs none (PMM's `/graph`): learn who calls before forwarding,
         // while the credential still works. Grafana judges the call itself,
         // so a failed look-up does not stop it.
-        let mut caller = judged.as_ref().map(|(identity, _)| identity.clone());
+        let mut caller = judged
+            .as_ref()
+            .map(|(identity, _)| identity.clone())
+            .or(checked_password);
+        let client = match call {
+            Some(_) => self.client_ip(peer, request.headers()),
+            None => peer.addr.ip(),
+        };
         if caller.is_none() && call.is_some_and(ManagementCall::needs_caller) {
-            caller = Box::pin(self.identify(credential.as_ref())).await;
+            caller = Box::pin(self.identify(credential.as_ref(), client)).await;
         }
 
         // Upstream request phase.
@@ -470,6 +529,7 @@ impl Gateway {
                     caller,
                     cache_key,
                     credential.as_ref(),
+                    client,
                 ))
                 .await;
             }
@@ -479,10 +539,14 @@ impl Gateway {
 
     /// Who holds `credential`, from the cache or the verifier; `None` when
     /// that cannot be told now.
-    async fn identify(&self, credential: Option<&Credential>) -> Option<Arc<Identity>> {
+    async fn identify(&self, credential: Option<&Credential>, client: IpAddr) -> Option<Arc<Identity>> {
         let credential = credential?;
         let key = self.cache.keyer.key(credential);
-        match self.cache.resolve(key, || self.verifier.verify(credential)).await {
+        match self
+            .cache
+            .resolve(key, || self.check(credential, key, client))
+            .await
+        {
             Ok((Outcome::Allowed(identity), _)) => Some(identity),
             Ok((Outcome::Denied(_), _)) => None,
             Err(e) => {
@@ -490,6 +554,51 @@ impl Gateway {
                 None
             }
         }
+    }
+
+    /// One verification at Grafana, behind the lock-out shield: it may be
+    /// held back (the login's or the client's failure budget is used up),
+    /// and its answer is counted.
+    async fn check(
+        &self,
+        credential: &Credential,
+        key: CacheKey,
+        client: IpAddr,
+    ) -> Result<Verdict, VerifyError> {
+        let admission = self
+            .shield
+            .admit(&self.cache.keyer, credential, key, client)
+            .await
+            .map_err(|throttle| VerifyError::Throttled {
+                retry_after: throttle.retry_after(),
+                per_login: matches!(throttle, Throttle::Login { .. }),
+            })?;
+        let verdict = self.verifier.verify(credential).await;
+        let checked = match &verdict {
+            Ok(Verdict::Allowed(_)) => Checked::Good,
+            Ok(Verdict::Denied(DenyReason::Invalid | DenyReason::Disabled)) => Checked::Refused,
+            // A session due for rotation is no failure; an error says nothing.
+            Ok(Verdict::Denied(DenyReason::Grafana(_))) | Err(_) => Checked::Unknown,
+        };
+        self.shield.settle(admission, checked).await;
+        verdict
+    }
+
+    /// The client address the shield counts: the peer, or for a trusted
+    /// proxy the last address in `X-Forwarded-For` that is not one.
+    fn client_ip(&self, peer: &Peer, headers: &HeaderMap) -> IpAddr {
+        if !peer.trusted {
+            return peer.addr.ip();
+        }
+        headers
+            .get_all(proxy::X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
+            .rev()
+            .find(|ip| !self.trusted.contains(*ip))
+            .unwrap_or_else(|| peer.addr.ip())
     }
 
     /// A browser navigating to a UI page is sent to the login page; API
@@ -549,11 +658,12 @@ impl Gateway {
         mut caller: Option<Arc<Identity>>,
         cache_key: Option<CacheKey>,
         credential: Option<&Credential>,
+        client: IpAddr,
     ) {
         if caller.is_none() && call.needs_caller() {
             // The look-up before forwarding failed (Grafana was briefly
             // away); the call succeeded, so the credential still works.
-            caller = self.identify(credential).await;
+            caller = self.identify(credential, client).await;
             if caller.is_none() {
                 tracing::warn!(
                     %method,

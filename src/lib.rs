@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod revoke;
 pub mod routes;
 pub mod server;
+pub mod shield;
 pub mod tls;
 pub mod upstream;
 
@@ -112,7 +113,14 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
     let cache = Arc::new(cache);
     cache.spawn_purger();
     let metrics = Arc::new(Metrics::default());
-    let gateway = Arc::new(Gateway::new(&config, cache.clone(), metrics.clone())?);
+    let shield = Arc::new(shield::Shield::new(&config.auth, cache.shared().cloned()));
+    shield.spawn_purger();
+    let gateway = Arc::new(Gateway::new(
+        &config,
+        cache.clone(),
+        shield.clone(),
+        metrics.clone(),
+    )?);
 
     let (listener, addr) = bind("server.listen", config.server.listen).await?;
     let (admin_listener, admin_addr) = bind("server.admin_listen", config.server.admin_listen).await?;
@@ -156,6 +164,7 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
         metrics,
         readiness: readiness.clone(),
         cache,
+        shield,
     });
     tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
 

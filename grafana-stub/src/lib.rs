@@ -510,6 +510,13 @@ impl GrafanaStub {
         self.shared.clock.advance(by);
     }
 
+    /// Failed password checks Grafana counts against `login` in its
+    /// brute-force window now (5 lock it).
+    pub fn failed_logins(&self, login: &str) -> usize {
+        let now = self.shared.now();
+        self.shared.store().failed_logins(login, now)
+    }
+
     pub fn set_user_disabled(&self, user_id: i64, disabled: bool) -> bool {
         let mut store = self.shared.store();
         let Some(user) = store.users.get_mut(&user_id) else {

@@ -413,6 +413,13 @@ impl Store {
             .is_some_and(|a| a.iter().filter(|t| **t > since).count() >= MAX_LOGIN_ATTEMPTS)
     }
 
+    pub fn failed_logins(&self, username: &str, now: i64) -> usize {
+        let since = now - LOGIN_ATTEMPT_WINDOW_SECS;
+        self.attempts
+            .get(&username.to_lowercase())
+            .map_or(0, |a| a.iter().filter(|t| **t > since).count())
+    }
+
     pub fn record_failed_login(&mut self, username: &str, now: i64) {
         let since = now - LOGIN_ATTEMPT_WINDOW_SECS;
         let entry = self.attempts.entry(username.to_lowercase()).or_default();

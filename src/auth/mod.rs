@@ -68,6 +68,13 @@ pub enum VerifyError {
     Upstream { status: u16, path: &'static str },
     #[error("verifier answer on {path} not understood: {reason}")]
     Malformed { path: &'static str, reason: String },
+    /// Held back before reaching the verifier: the login's (or the client's)
+    /// budget of failed checks is used up.
+    #[error("too many failed checks {}; retry in {retry_after:?}", if *.per_login { "for this login" } else { "from this address" })]
+    Throttled {
+        retry_after: std::time::Duration,
+        per_login: bool,
+    },
 }
 
 /// One of the configured ways of checking a credential.

@@ -129,6 +129,19 @@ impl Keyer {
         }
         CacheKey(mac.finalize().into_bytes().into())
     }
+
+    /// The key under which failed logins of `login` are counted: Grafana
+    /// counts them per lower-cased username. Its own tag keeps it apart from
+    /// every credential's key.
+    pub fn login_key(&self, login: &str) -> CacheKey {
+        let mut mac = self.mac.clone();
+        let login = login.to_lowercase();
+        for part in [b"login-failures".as_slice(), login.as_bytes()] {
+            mac.update(&(part.len() as u32).to_be_bytes());
+            mac.update(part);
+        }
+        CacheKey(mac.finalize().into_bytes().into())
+    }
 }
 
 #[cfg(test)]

@@ -546,6 +546,90 @@ impl Shared {
         }
     }
 
+    /// Reserves one of `budget` failure slots of a login (keyed by
+    /// `login`) within the sliding `window`, for the whole fleet at once:
+    /// `Some(Ok(()))` reserved, `Some(Err(retry_after))` when all are taken,
+    /// `None` when Redis cannot be asked.
+    pub async fn reserve_failure(
+        &self,
+        login: &CacheKey,
+        member: &str,
+        budget: u32,
+        window: Duration,
+    ) -> Option<Result<(), Duration>> {
+        const RESERVE: &str = r#"
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + window - now)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], window)
+return -1
+"#;
+        let cmd = redis::cmd("EVAL")
+            .arg(RESERVE)
+            .arg(1)
+            .arg(self.failures_key(login))
+            .arg(now_ms())
+            .arg(window.as_millis() as u64)
+            .arg(budget)
+            .arg(member)
+            .clone();
+        let values = self.run(&[cmd], false).await?;
+        let wait: i64 = values.first().and_then(|v| i64::from_redis_value(v).ok())?;
+        Some(if wait < 0 {
+            Ok(())
+        } else {
+            Err(Duration::from_millis(wait as u64))
+        })
+    }
+
+    /// Gives a reserved failure slot back (the check did not fail).
+    pub async fn release_failure(&self, login: &CacheKey, member: &str) {
+        let cmd = redis::cmd("ZREM")
+            .arg(self.failures_key(login))
+            .arg(member)
+            .clone();
+        self.run(&[cmd], false).await;
+    }
+
+    /// Remembers (`Some(for)`) or forgets (`None`) that a credential verified.
+    pub async fn set_known_good(&self, key: &CacheKey, remember: Option<Duration>) {
+        let name = self.known_good_key(key);
+        let cmd = match remember {
+            Some(ttl) => redis::cmd("SET")
+                .arg(name)
+                .arg(1)
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .clone(),
+            None => redis::cmd("DEL").arg(name).clone(),
+        };
+        self.run(&[cmd], false).await;
+    }
+
+    /// Whether some replica saw this credential verify recently; `None` when
+    /// Redis cannot be asked.
+    pub async fn is_known_good(&self, key: &CacheKey) -> Option<bool> {
+        let cmd = redis::cmd("EXISTS").arg(self.known_good_key(key)).clone();
+        let values = self.run(&[cmd], false).await?;
+        values
+            .first()
+            .and_then(|v| i64::from_redis_value(v).ok())
+            .map(|n| n > 0)
+    }
+
+    fn failures_key(&self, login: &CacheKey) -> String {
+        format!("{}lf:{}", self.prefix, login.to_hex())
+    }
+
+    fn known_good_key(&self, key: &CacheKey) -> String {
+        format!("{}kg:{}", self.prefix, key.to_hex())
+    }
+
     /// The identity stored under `key`, if any and still fresh.
     pub async fn get(&self, key: &CacheKey) -> Option<Identity> {
         let values = self

@@ -131,6 +131,13 @@ impl RedisServer {
                     .query_async(&mut c)
                     .await
                     .unwrap_or_default(),
+                "zset" => redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default(),
                 "none" => continue,
                 other => panic!("unexpected Redis type {other} for {key}"),
             };

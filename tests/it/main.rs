@@ -5,6 +5,7 @@ mod auth;
 mod desync;
 mod fleet;
 mod foundation;
+mod lockout;
 mod revocations;
 mod sessions;
 mod support;

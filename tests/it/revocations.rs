@@ -407,9 +407,13 @@ async fn every_row(profile: Profile) -> Vec<(String, Duration)> {
     let u = f.stub.add_user("removed", "removed-pw-1", "Viewer", false);
     let victim = Auth::Basic("removed".into(), "removed-pw-1".into());
     rows.push(
-        f.row("/api/org/users/:id (DELETE)", &victim, viewer, unauthorized, || {
-            f.on_a(admin(), Method::DELETE, format!("/api/org/users/{u}"), None)
-        })
+        f.row(
+            "/api/org/users/:id (DELETE)",
+            &victim,
+            viewer,
+            unauthorized,
+            || f.on_a(admin(), Method::DELETE, format!("/api/org/users/{u}"), None),
+        )
         .await,
     );
     rows
