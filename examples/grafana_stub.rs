@@ -4,8 +4,12 @@
 //!
 //! Options: `--listen ADDR` (default 127.0.0.1:3000), `--flavor pmm |
 //! grafana11 | grafana10.4` (default pmm), `--session-cookie NAME` (default
-//! the flavor's), `--auth-proxy` (trust X-WEBAUTH-* from 127.0.0.1).
-//! Runs until Ctrl-C.
+//! the flavor's), `--auth-proxy` (trust X-WEBAUTH-* from 127.0.0.1),
+//! `--rotation-interval SECONDS` (Grafana's token rotation interval,
+//! default 600), `--sub-path PATH` (where Grafana is served, default the
+//! flavor's: `/graph` for pmm; `""` for none). Open `{sub}/login` in a
+//! browser to sign in (admin/admin) and `{sub}/d/x` for a page that keeps
+//! the session alive the way Grafana's frontend does. Runs until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -13,7 +17,8 @@ use std::process::ExitCode;
 use grafana_stub::{Flavor, GrafanaStub, StubOptions};
 
 const USAGE: &str = "usage: grafana_stub [--listen ADDR] [--flavor pmm|grafana11|grafana10.4] \
-                     [--session-cookie NAME] [--auth-proxy]";
+                     [--session-cookie NAME] [--auth-proxy] [--rotation-interval SECONDS] \
+                     [--sub-path PATH]";
 
 fn parse_args() -> Result<StubOptions, String> {
     let mut options = StubOptions {
@@ -41,6 +46,12 @@ fn parse_args() -> Result<StubOptions, String> {
             "--flavor" => options.flavor = value("a flavor")?.parse::<Flavor>()?,
             "--session-cookie" => options.session_cookie = Some(value("a cookie name")?),
             "--auth-proxy" => options.auth_proxy = true,
+            "--rotation-interval" => {
+                let v = value("a number of seconds")?;
+                let secs: u64 = v.parse().map_err(|e| format!("--rotation-interval {v}: {e}"))?;
+                options.rotation_interval = std::time::Duration::from_secs(secs);
+            }
+            "--sub-path" => options.sub_path = Some(value("a path")?),
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -68,6 +79,7 @@ async fn main() -> ExitCode {
     println!("grafana stub ({}) listening on {}", stub.flavor(), stub.url());
     println!("seeded Grafana admin: admin / {password}");
     println!("session cookie: {}", stub.session_cookie_name());
+    println!("login page: {}{}/login", stub.url(), stub.sub_path());
     if let Err(e) = tokio::signal::ctrl_c().await {
         eprintln!("grafana_stub: cannot wait for Ctrl-C: {e}");
     }

@@ -9,6 +9,9 @@
 //!
 //! - `ok`: `GET {sub}/api/user` answered 200 (first try or retried);
 //! - `rotations`: `POST {sub}/api/user/auth-tokens/rotate` answered 200;
+//! - `renewals`: those of them that brought a new session — seen as a new
+//!   `grafana_session_expiry` cookie (the session cookie itself is
+//!   HttpOnly); a rotation Grafana skipped (`SkipRotationTime`) is not one;
 //! - `failures`: a poll that ended without a 200, and every logout;
 //! - `unauthorized`: 401 answers to the polls;
 //! - `rotateHints`: those of them whose JSON `messageId` is
@@ -140,7 +143,7 @@ const APP_PAGE: &str = r#"<!doctype html>
   const POLL_MS = 250;
   document.getElementById("stub-login").textContent = __LOGIN__;
   const stub = {
-    ok: 0, rotations: 0, failures: 0, unauthorized: 0, rotateHints: 0,
+    ok: 0, rotations: 0, renewals: 0, failures: 0, unauthorized: 0, rotateHints: 0,
     loggedOut: false, lastError: "", statuses: [],
   };
   window.__stub = stub;
@@ -152,6 +155,12 @@ const APP_PAGE: &str = r#"<!doctype html>
     el.dataset.ok = stub.ok;
     el.dataset.rotations = stub.rotations;
     el.dataset.failures = stub.failures;
+  }
+  function expiryCookie() {
+    const found = document.cookie.split("; ").find(function (c) {
+      return c.startsWith("grafana_session_expiry=");
+    });
+    return found ? found.substring("grafana_session_expiry=".length) : "";
   }
   function note(status) {
     stub.statuses.push(status);
@@ -212,6 +221,7 @@ const APP_PAGE: &str = r#"<!doctype html>
     // handleStreamError: a 401 on the first attempt -> rotate, then retry once.
     stub.unauthorized += 1;
     if (answer.data && answer.data.messageId === "session.token.rotate") stub.rotateHints += 1;
+    const expiryBefore = expiryCookie();
     const rotated = await rotateToken();
     note("rotate:" + rotated.status);
     if (rotated.status === 401) {
@@ -224,6 +234,7 @@ const APP_PAGE: &str = r#"<!doctype html>
       return;
     }
     stub.rotations += 1;
+    if (expiryCookie() !== expiryBefore) stub.renewals += 1;
     answer = await request("GET", "/api/user");
     note(answer.status);
     if (answer.status === 200) {

@@ -2,6 +2,7 @@
 //! upstream, the Grafana stand-in and (for fleets) real Redis servers.
 
 mod auth;
+mod browser;
 mod desync;
 mod fleet;
 mod foundation;
