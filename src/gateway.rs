@@ -18,10 +18,10 @@ use crate::auth::{
 };
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, Profile};
-use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, TrustedProxies};
+use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, RequestBody, TrustedProxies};
 use crate::revoke::{ManagementCall, Revocation};
 use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
-use crate::shield::{Checked, Shield, Throttle};
+use crate::shield::{self, Admission, Checked, Shield, Throttle};
 
 /// Why a request was answered by the gateway itself.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,11 @@ pub enum Refusal {
     /// The lock-out shield held the check back (`src/shield.rs`).
     #[error("{0}")]
     Throttled(VerifyError),
+    #[error("login form larger than the gateway reads")]
+    BadLoginForm,
+    /// The client's request body broke off or was malformed.
+    #[error("unreadable request body")]
+    BadBody,
     #[error("{0}")]
     Proxy(#[from] ProxyError),
     #[error("cannot build the upstream request: {0}")]
@@ -84,6 +89,8 @@ impl Refusal {
             Refusal::Forbidden => StatusCode::FORBIDDEN,
             Refusal::VerifierUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::BadLoginForm => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::BadBody => StatusCode::BAD_REQUEST,
             Refusal::Proxy(e) => e.status(),
             Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::Login { .. } => StatusCode::FOUND,
@@ -105,6 +112,8 @@ impl Refusal {
                 "Too many failed logins for this user: try again later".into()
             }
             Refusal::Throttled(_) => "Too many failed attempts from this address: try again later".into(),
+            Refusal::BadLoginForm => "Login form too large".into(),
+            Refusal::BadBody => "Bad request: unreadable request body".into(),
             Refusal::Proxy(ProxyError::Unreachable(_)) => "Bad gateway: upstream unreachable".into(),
             Refusal::Proxy(ProxyError::InvalidResponse(_)) => {
                 "Bad gateway: upstream sent an invalid response".into()
@@ -512,8 +521,25 @@ impl Gateway {
         }
 
         let method = request.method().clone();
+        // Grafana's login form is a door to its lock-out like Basic is: its
+        // password is weighed by the shield before Grafana sees it.
+        let (request, login) = if shield::is_login_form(&method, &upstream_path) {
+            let client = self.client_ip(peer, request.headers());
+            Box::pin(self.read_login_form(request, client)).await?
+        } else {
+            (request.map(RequestBody::Streamed), None)
+        };
         let forward_started = self.access_log.then(Instant::now);
-        let response = self.forwarder.forward(request, client_upgrade).await?;
+        let forwarded = self.forwarder.forward(request, client_upgrade).await;
+        if let Some(admission) = login {
+            let checked = match forwarded.as_ref().map(|r| r.status()) {
+                Ok(StatusCode::OK) => Checked::Good,
+                Ok(StatusCode::UNAUTHORIZED) => Checked::Refused,
+                _ => Checked::Unknown,
+            };
+            self.shield.settle(admission, checked).await;
+        }
+        let response = forwarded?;
         outcomes.upstream_time = forward_started.map(|t| t.elapsed());
 
         // Response phase: a management call that succeeded may have revoked
@@ -524,7 +550,6 @@ impl Gateway {
                 // request's future (moved on each request) larger.
                 Box::pin(self.revoke_after(
                     call,
-                    &method,
                     &upstream_path,
                     caller,
                     cache_key,
@@ -535,6 +560,43 @@ impl Gateway {
             }
         }
         Ok(response)
+    }
+
+    /// Reads a login form (bounded) and admits its password through the
+    /// shield. A form the gateway cannot read as Grafana's goes on as it is:
+    /// Grafana cannot count a failure against a login it cannot read either.
+    async fn read_login_form(
+        &self,
+        request: Request<Incoming>,
+        client: IpAddr,
+    ) -> Result<(Request<RequestBody>, Option<Admission>), Refusal> {
+        let (parts, body) = request.into_parts();
+        use http_body_util::BodyExt;
+        let bytes = http_body_util::Limited::new(body, shield::MAX_LOGIN_FORM_BYTES)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    Refusal::BadLoginForm
+                } else {
+                    Refusal::BadBody
+                }
+            })?
+            .to_bytes();
+        let admission = match shield::login_form_credential(&bytes) {
+            Some(credential) => {
+                let key = self.cache.keyer.key(&credential);
+                let admission = self
+                    .shield
+                    .admit(&self.cache.keyer, &credential, key, client)
+                    .await
+                    .map_err(throttled)?;
+                Some(admission)
+            }
+            None => None,
+        };
+        let body = RequestBody::Read(http_body_util::Full::new(bytes));
+        Ok((Request::from_parts(parts, body), admission))
     }
 
     /// Who holds `credential`, from the cache or the verifier; `None` when
@@ -569,9 +631,9 @@ impl Gateway {
             .shield
             .admit(&self.cache.keyer, credential, key, client)
             .await
-            .map_err(|throttle| VerifyError::Throttled {
-                retry_after: throttle.retry_after(),
-                per_login: matches!(throttle, Throttle::Login { .. }),
+            .map_err(|throttle| match throttled(throttle) {
+                Refusal::Throttled(e) => e,
+                _ => unreachable!("throttled() makes Throttled refusals"),
             })?;
         let verdict = self.verifier.verify(credential).await;
         let checked = match &verdict {
@@ -653,7 +715,6 @@ impl Gateway {
     async fn revoke_after(
         &self,
         call: ManagementCall,
-        method: &Method,
         path: &str,
         mut caller: Option<Arc<Identity>>,
         cache_key: Option<CacheKey>,
@@ -666,7 +727,7 @@ impl Gateway {
             caller = self.identify(credential, client).await;
             if caller.is_none() {
                 tracing::warn!(
-                    %method,
+                    ?call,
                     path,
                     "a revoking call succeeded but its caller could not be identified: nothing evicted"
                 );
@@ -688,8 +749,8 @@ impl Gateway {
         if !evictions.is_empty() {
             self.cache.invalidate(&evictions).await;
             tracing::info!(
+                ?call,
                 ?revocations,
-                %method,
                 path,
                 "invalidated cached credentials after a management call"
             );
@@ -699,6 +760,14 @@ impl Gateway {
     pub fn profile(&self) -> Profile {
         self.profile
     }
+}
+
+/// The lock-out shield's refusal, as the client gets it (429).
+fn throttled(throttle: Throttle) -> Refusal {
+    Refusal::Throttled(VerifyError::Throttled {
+        retry_after: throttle.retry_after(),
+        per_login: matches!(throttle, Throttle::Login { .. }),
+    })
 }
 
 /// Removes one cookie from every `Cookie` header, keeping the others.

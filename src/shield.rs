@@ -46,6 +46,34 @@ const MAX_KNOWN_GOOD: usize = 100_000;
 /// Client addresses held as blocked at once.
 const MAX_BLOCKED: usize = 100_000;
 
+/// Largest login form read (Grafana's own is a few dozen bytes).
+pub const MAX_LOGIN_FORM_BYTES: usize = 64 * 1024;
+
+/// `POST /login` (and PMM's `/graph/login`; the seeds' `/api/login` arrives
+/// here already rewritten): Grafana's login form.
+pub fn is_login_form(method: &http::Method, path: &str) -> bool {
+    let path = path
+        .strip_prefix("/graph")
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(path);
+    method == http::Method::POST && path.trim_end_matches('/') == "/login"
+}
+
+/// The password a login form carries, as Grafana's `LoginCommand` reads it.
+pub fn login_form_credential(body: &[u8]) -> Option<Credential> {
+    #[derive(serde::Deserialize)]
+    struct LoginForm {
+        user: String,
+        #[serde(default)]
+        password: String,
+    }
+    let form: LoginForm = serde_json::from_slice(body).ok()?;
+    (!form.user.is_empty()).then_some(Credential::Password {
+        user: form.user,
+        password: form.password,
+    })
+}
+
 /// Why the shield refused to let a check reach Grafana.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Throttle {

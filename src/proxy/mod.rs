@@ -42,6 +42,44 @@ impl Body {
     }
 }
 
+/// What every request the gateway forwards carries: the client's body as it
+/// streams in, or one the gateway had to read first (a login form, whose
+/// password the lock-out shield weighs before Grafana sees it).
+pub enum RequestBody {
+    Streamed(Incoming),
+    Read(Full<Bytes>),
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        // Both variants are Unpin.
+        match self.get_mut() {
+            RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Read(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(b) => b.is_end_stream(),
+            RequestBody::Read(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(b) => b.size_hint(),
+            RequestBody::Read(b) => b.size_hint(),
+        }
+    }
+}
+
 impl http_body::Body for Body {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -266,7 +304,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderV
 /// the request's own task; everything else goes through hyper's pooled
 /// client, which streams a request body and its answer at the same time.
 pub struct Forwarder {
-    client: Client<Connector, Incoming>,
+    client: Client<Connector, RequestBody>,
     direct: DirectPools,
     response_timeout: Duration,
 }
@@ -290,7 +328,7 @@ impl Forwarder {
     /// a WebSocket upgrade, joined to the upstream's on `101`.
     pub async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<Body>, ProxyError> {
         if client_upgrade.is_none() {
@@ -320,7 +358,7 @@ impl Forwarder {
     /// Through hyper's pooled client: requests with bodies, upgrades, https.
     async fn forward_pooled(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<Body>, ProxyError> {
         let upgrading = client_upgrade.is_some();

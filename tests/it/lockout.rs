@@ -228,3 +228,58 @@ async fn a_fleet_shares_one_budget_per_login() {
     );
     redis.assert_no_secret(&["admin:admin", "guess-1"]).await;
 }
+
+async fn login_form(gw: &Gateway, path: &str, user: &str, password: &str) -> StatusCode {
+    client()
+        .post(format!("{}{path}", gw.url))
+        .json(&serde_json::json!({"user": user, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn the_login_form_is_shielded_under_every_spelling() {
+    for (flavor, profile, paths) in [
+        (Flavor::Grafana11, Profile::Grafana, &["/login", "/api/login"][..]),
+        (
+            Flavor::Pmm,
+            Profile::Pmm,
+            &["/graph/login", "/login", "/api/login"][..],
+        ),
+    ] {
+        let stub = GrafanaStub::start(flavor).await;
+        let gw = start(&stub, profile, |_| {}).await;
+        // The admin signs in once: that password is known good from now on.
+        assert_eq!(login_form(&gw, paths[0], "admin", "admin").await, StatusCode::OK);
+        let mut statuses = Vec::new();
+        for i in 0..15 {
+            let path = paths[i % paths.len()];
+            statuses.push(login_form(&gw, path, "Admin", &format!("guess-{i}")).await);
+        }
+        let failures = stub.failed_logins("admin");
+        println!("{profile:?} login form: {statuses:?}; Grafana counted {failures}");
+        assert!(failures < GRAFANA_LOCKS_AT, "{profile:?}: {failures}");
+        assert_eq!(count(&statuses, StatusCode::UNAUTHORIZED), 4, "{statuses:?}");
+        assert_eq!(
+            count(&statuses, StatusCode::TOO_MANY_REQUESTS),
+            11,
+            "{statuses:?}"
+        );
+        // The real admin still signs in, on every spelling.
+        for path in paths {
+            assert_eq!(
+                login_form(&gw, path, "admin", "admin").await,
+                StatusCode::OK,
+                "{path}"
+            );
+        }
+        // A form too large to be one is refused before anything reads it.
+        let huge = "x".repeat(100 * 1024);
+        assert_eq!(
+            login_form(&gw, paths[0], "admin", &huge).await,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+}
