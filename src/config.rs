@@ -10,6 +10,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::auth::Role;
 
+mod env;
+pub mod values;
+
+pub use env::is_service_link;
+
 /// Environment variable that carries the cache HMAC key itself (not a path).
 /// It is a secret, so it never becomes part of the printable config.
 pub const CACHE_KEY_ENV: &str = "PORTCULLIS_CACHE_KEY";
@@ -19,6 +24,11 @@ const ENV_PREFIX: &str = "PORTCULLIS_";
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "config file {path} does not exist (a file named with --config must exist; \
+         only the implicit ./gateway.toml may be absent)"
+    )]
+    Missing { path: PathBuf },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("config key `{key}`: {reason}")]
@@ -47,14 +57,21 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub cache: CacheConfig,
     pub routes: Vec<RouteConfig>,
+    /// Keys set from the environment, and by which variable.
+    #[serde(skip)]
+    env_keys: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    #[serde(deserialize_with = "values::socket_addr")]
     pub listen: SocketAddr,
+    #[serde(deserialize_with = "values::socket_addr")]
     pub admin_listen: SocketAddr,
-    /// Peers whose `X-Forwarded-*` headers are believed.
+    /// Peers whose `X-Forwarded-*` headers are believed (a bare address is
+    /// one host).
+    #[serde(deserialize_with = "values::cidrs")]
     pub trusted_proxies: Vec<IpNet>,
     pub max_connections: usize,
     #[serde(with = "duration")]
@@ -289,6 +306,15 @@ pub struct StaticUserConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
+    /// How a request reaches Grafana (routes with `grafana = true`).
+    pub grafana: GrafanaMode,
+    /// Send the role header: only for Grafana's `headers = Role:…` on a
+    /// single-org install, and never for a user who belongs to several orgs
+    /// (Grafana would remove them from every other org).
+    pub send_role: bool,
+    /// File holding `[auth.proxy] shared_secret`, sent in `secret_header`.
+    pub shared_secret_file: Option<PathBuf>,
+    pub secret_header: String,
     pub user_header: String,
     pub role_header: String,
     pub email_header: String,
@@ -296,9 +322,24 @@ pub struct IdentityConfig {
     pub org_header: String,
 }
 
+/// The two ways of talking to Grafana (`identity.grafana`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrafanaMode {
+    /// The caller's credential, no identity header: works with any Grafana.
+    Credential,
+    /// A verified user as identity headers only, for Grafana's `[auth.proxy]`
+    /// with the gateway whitelisted; tokens and keys as their credential.
+    AuthProxy,
+}
+
 impl Default for IdentityConfig {
     fn default() -> Self {
         IdentityConfig {
+            grafana: GrafanaMode::Credential,
+            send_role: false,
+            shared_secret_file: None,
+            secret_header: "X-WEBAUTH-SECRET".into(),
             user_header: "X-WEBAUTH-USER".into(),
             role_header: "X-WEBAUTH-ROLE".into(),
             email_header: "X-WEBAUTH-EMAIL".into(),
@@ -390,6 +431,12 @@ pub struct RouteConfig {
     /// Inject the identity headers.
     #[serde(default = "yes")]
     pub inject_identity: bool,
+    /// Whether the route leads to Grafana, which checks credentials itself
+    /// (see `identity.grafana`). Default: every route of the `grafana`
+    /// profile; in the `pmm` profile `/graph` and the login flow; a custom
+    /// route when it goes to `upstream.url`.
+    #[serde(default)]
+    pub grafana: Option<bool>,
 }
 
 fn yes() -> bool {
@@ -397,15 +444,33 @@ fn yes() -> bool {
 }
 
 impl Config {
-    /// Reads `path` if it exists (built-in defaults otherwise), applies the
-    /// environment and validates the result.
+    /// Reads `path`, which must exist (a file named with `--config`),
+    /// applies the environment and validates the result.
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
-        let mut doc = match std::fs::read_to_string(path) {
-            Ok(text) => text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
+        match Self::load_if_present(path, env)? {
+            (config, true) => Ok(config),
+            (_, false) => Err(ConfigError::Missing {
                 path: path.to_owned(),
-                message: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+            }),
+        }
+    }
+
+    /// Reads `path` if it exists, built-in defaults otherwise (the implicit
+    /// `./gateway.toml`), applies the environment and validates the result.
+    /// The flag tells whether the file was there.
+    pub fn load_if_present(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, bool), ConfigError> {
+        let (mut doc, found) = match std::fs::read_to_string(path) {
+            Ok(text) => (
+                text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?,
+                true,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (toml::Table::new(), false),
             Err(source) => {
                 return Err(ConfigError::Read {
                     path: path.to_owned(),
@@ -413,8 +478,8 @@ impl Config {
                 })
             }
         };
-        apply_env(&mut doc, env)?;
-        Self::from_table(doc)
+        let env_keys = env::apply_env(&mut doc, env)?;
+        Ok((Self::from_table(doc, env_keys)?, found))
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
@@ -422,19 +487,48 @@ impl Config {
             path: PathBuf::from("<inline>"),
             message: e.to_string(),
         })?;
-        Self::from_table(doc)
+        Self::from_table(doc, Vec::new())
     }
 
-    fn from_table(doc: toml::Table) -> Result<Config, ConfigError> {
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+    fn from_table(doc: toml::Table, env_keys: Vec<(String, String)>) -> Result<Config, ConfigError> {
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::key(
-                if key == "." { "<root>".into() } else { key },
-                e.into_inner().to_string(),
+            blame(
+                &env_keys,
+                ConfigError::key(
+                    if key == "." { "<root>".into() } else { key },
+                    e.into_inner().to_string(),
+                ),
             )
         })?;
+        config.env_keys = env_keys;
         config.validate()?;
         Ok(config)
+    }
+
+    /// An error about a key that was set from the environment names the
+    /// variable instead (and still the key); any other error is unchanged.
+    pub fn blame(&self, error: ConfigError) -> ConfigError {
+        blame(&self.env_keys, error)
+    }
+
+    /// The config with every password written in a URL replaced by `***`:
+    /// what `portcullis check` prints.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        let redact = values::redact_url;
+        c.cache.redis.url = redact(&c.cache.redis.url);
+        for seed in &mut c.cache.redis.cluster {
+            *seed = redact(seed);
+        }
+        c.upstream.url = redact(&c.upstream.url);
+        c.auth.grafana.url = redact(&c.auth.grafana.url);
+        for route in &mut c.routes {
+            if let Some(u) = &mut route.upstream {
+                *u = redact(u);
+            }
+        }
+        c
     }
 
     /// The upstream that verifies credentials.
@@ -446,8 +540,30 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        check_http_url("upstream.url", &self.upstream.url)?;
+    /// The config's own rules (what the files it names hold is checked by
+    /// [`crate::check`]). [`Config::load`] has already applied them; a config
+    /// built in code gets them at [`crate::start`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_rules().map_err(|e| self.blame(e))
+    }
+
+    fn check_rules(&self) -> Result<(), ConfigError> {
+        values::check_base_url(&self.upstream.url, false).map_err(|reason| {
+            ConfigError::key(
+                "upstream.url",
+                if reason.contains("has a path") {
+                    format!(
+                        "{reason}: requests reach the upstream with the client's own path, so a path here \
+                         would be lost. Give the upstream's root (e.g. http://grafana:3000); for a Grafana \
+                         served from a sub path (root_url .../grafana, serve_from_sub_path = true) clients \
+                         use that sub path through the gateway and auth.grafana.url names it \
+                         (e.g. http://grafana:3000/grafana); or rewrite per route with [[routes]] rewrite"
+                    )
+                } else {
+                    reason
+                },
+            )
+        })?;
         let auth = &self.auth;
         for (key, count, window) in [
             (
@@ -475,7 +591,9 @@ impl Config {
             ));
         }
         if !self.auth.grafana.url.is_empty() {
-            check_http_url("auth.grafana.url", &self.auth.grafana.url)?;
+            // The verifier puts its calls under this URL's path.
+            values::check_base_url(&self.auth.grafana.url, true)
+                .map_err(|reason| ConfigError::key("auth.grafana.url", reason))?;
         }
         for (i, route) in self.routes.iter().enumerate() {
             if !route.prefix.starts_with('/') {
@@ -489,7 +607,19 @@ impl Config {
                     .map_err(|_| ConfigError::key(format!("routes[{i}].method"), "not an HTTP method"))?;
             }
             if let Some(upstream) = &route.upstream {
-                check_http_url(&format!("routes[{i}].upstream"), upstream)?;
+                values::check_base_url(upstream, false).map_err(|reason| {
+                    ConfigError::key(
+                        format!("routes[{i}].upstream"),
+                        if reason.contains("has a path") {
+                            format!(
+                                "{reason}: requests reach the upstream with the client's own path; \
+                                 give the upstream's root and change the path with `rewrite`"
+                            )
+                        } else {
+                            reason
+                        },
+                    )
+                })?;
             }
             if let Some(rewrite) = &route.rewrite {
                 if !rewrite.starts_with('/') {
@@ -536,9 +666,7 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(ConfigError::key("log.level", format!("not a log filter: {e}")));
-        }
+        values::check_log_filter(&self.log.level).map_err(|reason| ConfigError::key("log.level", reason))?;
         if self.cache.max_entries == 0 {
             return Err(ConfigError::key("cache.max_entries", "must be at least 1"));
         }
@@ -570,85 +698,28 @@ impl Config {
     }
 }
 
-fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| ConfigError::key(key, format!("not a URL: {e}")))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") => {}
-        _ => return Err(ConfigError::key(key, "scheme must be http or https")),
+/// `error` with the variable named when its key was set from the environment
+/// (`server.listen` by `PORTCULLIS_SERVER_LISTEN`, or a part of it such as
+/// `server.trusted_proxies[1]`).
+fn blame(env_keys: &[(String, String)], error: ConfigError) -> ConfigError {
+    let ConfigError::Key { key, reason } = error else {
+        return error;
+    };
+    let set_by = env_keys.iter().find(|(k, _)| {
+        key.strip_prefix(k.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    });
+    match set_by {
+        Some((_, var)) => ConfigError::Env {
+            var: var.clone(),
+            reason: format!("{reason} (it sets `{key}`)"),
+        },
+        None => ConfigError::Key { key, reason },
     }
-    if uri.authority().is_none() {
-        return Err(ConfigError::key(key, "needs a host"));
-    }
-    Ok(())
 }
 
-/// Sections whose keys may be overridden from the environment, longest first so
-/// that `CACHE_REDIS_URL` is `cache.redis.url`, not `cache.redis_url`.
-const ENV_SECTIONS: &[&[&str]] = &[
-    &["cache", "redis"],
-    &["auth", "grafana"],
-    &["server"],
-    &["tls"],
-    &["upstream"],
-    &["log"],
-    &["auth"],
-    &["identity"],
-    &["cache"],
-];
-
-fn apply_env(
-    doc: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    for (var, raw) in env {
-        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        if var == CACHE_KEY_ENV {
-            continue;
-        }
-        let rest = rest.to_ascii_lowercase();
-        let found = ENV_SECTIONS.iter().find_map(|section| {
-            let joined = section.join("_");
-            rest.strip_prefix(&joined)
-                .and_then(|k| k.strip_prefix('_'))
-                .filter(|k| !k.is_empty())
-                .map(|k| (*section, k.to_owned()))
-        });
-        let Some((section, key)) = found else {
-            return Err(ConfigError::Env {
-                var,
-                reason: "does not name a config key (PORTCULLIS_<SECTION>_<KEY>)".into(),
-            });
-        };
-        let mut table = &mut *doc;
-        for name in section {
-            let entry = table
-                .entry(name.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
-                var: var.clone(),
-                reason: format!("`{name}` in the config file is not a table"),
-            })?;
-        }
-        table.insert(key, env_value(&raw));
-    }
-    Ok(())
-}
-
-/// An environment value is read as a TOML value when it is one (numbers,
-/// booleans, arrays), else as a plain string.
-fn env_value(raw: &str) -> toml::Value {
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
-}
-
-/// Durations are written as `"60s"`, `"500ms"`, `"1m 30s"`, or plain seconds.
+/// Durations are written as `"60s"`, `"500ms"`, `"1m 30s"`, or plain seconds;
+/// a negative one is refused with the value it was given.
 pub mod duration {
     use super::*;
 
@@ -657,19 +728,53 @@ pub mod duration {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
+        d.deserialize_any(Visitor)
+    }
+
+    const HINT: &str = "write e.g. \"30s\", \"500ms\", \"1m 30s\" or a number of seconds";
+
+    struct Visitor;
+
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a duration: {HINT}")
         }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(Duration::from_secs(s)),
-            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "`{t}` is not a duration ({e}); write e.g. \"30s\" or \"500ms\""
+
+        fn visit_u64<E: serde::de::Error>(self, secs: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(secs))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, secs: i64) -> Result<Duration, E> {
+            match u64::try_from(secs) {
+                Ok(secs) => Ok(Duration::from_secs(secs)),
+                Err(_) => Err(E::custom(format!(
+                    "`{secs}` is negative: a duration is zero or more; {HINT}"
+                ))),
+            }
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, secs: f64) -> Result<Duration, E> {
+            Duration::try_from_secs_f64(secs).map_err(|_| {
+                E::custom(format!(
+                    "`{secs}` is not a duration (zero or more seconds); {HINT}"
                 ))
-            }),
+            })
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            let trimmed = text.trim();
+            if trimmed.starts_with('-') {
+                return Err(E::custom(format!(
+                    "`{text}` is negative: a duration is zero or more; {HINT}"
+                )));
+            }
+            if let Ok(secs) = trimmed.parse::<u64>() {
+                return Ok(Duration::from_secs(secs));
+            }
+            humantime::parse_duration(trimmed)
+                .map_err(|e| E::custom(format!("`{text}` is not a duration ({e}); {HINT}")))
         }
     }
 }
@@ -724,7 +829,7 @@ mod tests {
     fn environment_overrides_nested_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("none.toml");
-        let c = Config::load(
+        let (c, found) = Config::load_if_present(
             &path,
             env(&[
                 ("PORTCULLIS_SERVER_LISTEN", "127.0.0.1:1"),
@@ -737,6 +842,7 @@ mod tests {
             ]),
         )
         .unwrap();
+        assert!(!found);
         assert_eq!(c.server.listen.port(), 1);
         assert_eq!(c.server.admin_listen.port(), 2);
         assert_eq!(c.cache.redis.url, "redis://127.0.0.1:6379/");
@@ -748,14 +854,14 @@ mod tests {
     #[test]
     fn unknown_environment_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Config::load(
+        let err = Config::load_if_present(
             &dir.path().join("x.toml"),
             env(&[("PORTCULLIS_SERVER_LISTN", "1")]),
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("listn"), "{err}");
-        let err = Config::load(&dir.path().join("x.toml"), env(&[("PORTCULLIS_NOPE", "1")]))
+        let err = Config::load_if_present(&dir.path().join("x.toml"), env(&[("PORTCULLIS_NOPE", "1")]))
             .unwrap_err()
             .to_string();
         assert!(err.contains("PORTCULLIS_NOPE"), "{err}");
@@ -765,5 +871,198 @@ mod tests {
     fn shipped_gateway_toml_is_valid() {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml")).unwrap();
         Config::from_toml(&text).unwrap();
+    }
+
+    fn env_error(pairs: &[(&str, &str)]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        match Config::load_if_present(&dir.path().join("none.toml"), env(pairs)) {
+            Ok(_) => panic!("{pairs:?} accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn file_error(text: &str) -> String {
+        match Config::from_toml(text) {
+            Ok(_) => panic!("{text} accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_named_config_file_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        let err = Config::load(&path, env(&[])).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        // The implicit one may be absent.
+        let (c, found) = Config::load_if_present(&path, env(&[])).unwrap();
+        assert!(!found);
+        assert_eq!(c.server.listen.port(), 8443);
+        std::fs::write(&path, "[cache]\nttl = \"2m\"\n").unwrap();
+        assert_eq!(
+            Config::load(&path, env(&[])).unwrap().cache.ttl,
+            Duration::from_secs(120)
+        );
+        assert!(Config::load_if_present(&path, env(&[])).unwrap().1);
+    }
+
+    #[test]
+    fn environment_errors_name_the_variable() {
+        let err = env_error(&[("PORTCULLIS_SERVER_LISTEN", "garbage")]);
+        assert!(err.contains("PORTCULLIS_SERVER_LISTEN"), "{err}");
+        assert!(err.contains("garbage") && err.contains("IP:PORT"), "{err}");
+        let err = env_error(&[("PORTCULLIS_CACHE_TTL", "-5s")]);
+        assert!(
+            err.contains("PORTCULLIS_CACHE_TTL") && err.contains("negative"),
+            "{err}"
+        );
+        let err = env_error(&[("PORTCULLIS_SERVER_TRUSTED_PROXIES", "10.0.0.0/8,10.300.0.0/16")]);
+        assert!(err.contains("PORTCULLIS_SERVER_TRUSTED_PROXIES"), "{err}");
+        assert!(err.contains("10.300.0.0/16") && err.contains("CIDR"), "{err}");
+        // Rules checked after reading name the variable too.
+        let err = env_error(&[("PORTCULLIS_LOG_LEVEL", "verbose")]);
+        assert!(
+            err.contains("PORTCULLIS_LOG_LEVEL") && err.contains("verbose"),
+            "{err}"
+        );
+        let err = env_error(&[("PORTCULLIS_UPSTREAM_URL", "http://grafana:3000/grafana")]);
+        assert!(err.contains("PORTCULLIS_UPSTREAM_URL"), "{err}");
+        // The same value from a file names the key.
+        let err = file_error("[server]\nlisten = \"garbage\"");
+        assert!(err.contains("server.listen") && err.contains("IP:PORT"), "{err}");
+    }
+
+    #[test]
+    fn lists_from_the_environment_take_commas() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = Config::load_if_present(
+            &dir.path().join("none.toml"),
+            env(&[
+                ("PORTCULLIS_SERVER_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7"),
+                ("PORTCULLIS_TLS_HOSTNAMES", "grafana.example.com,grafana"),
+                (
+                    "PORTCULLIS_CACHE_REDIS_CLUSTER",
+                    "redis://10.0.0.1:6379,redis://10.0.0.2:6379",
+                ),
+                ("PORTCULLIS_CACHE_KEY_FILE", "/etc/portcullis/cache.key"),
+            ]),
+        )
+        .unwrap();
+        let nets: Vec<String> = c.server.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.168.1.7/32"]);
+        assert_eq!(c.tls.hostnames, ["grafana.example.com", "grafana"]);
+        assert_eq!(c.cache.redis.cluster.len(), 2);
+        // The TOML form still works, and a string key keeps its text.
+        let (c, _) = Config::load_if_present(
+            &dir.path().join("none.toml"),
+            env(&[
+                ("PORTCULLIS_TLS_HOSTNAMES", "[\"a\", \"b\"]"),
+                ("PORTCULLIS_AUTH_SESSION_COOKIE", "1234"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.tls.hostnames, ["a", "b"]);
+        assert_eq!(c.auth.session_cookie, "1234");
+    }
+
+    #[test]
+    fn weak_values_get_the_value_and_a_hint() {
+        let err = file_error("[server]\nlisten = \"localhost:8443\"");
+        assert!(
+            err.contains("localhost:8443") && err.contains("127.0.0.1"),
+            "{err}"
+        );
+        let err = file_error("[server]\nadmin_listen = \"9901\"");
+        assert!(
+            err.contains("server.admin_listen") && err.contains("0.0.0.0:9901"),
+            "{err}"
+        );
+        let err = file_error("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]");
+        assert!(
+            err.contains("server.trusted_proxies") && err.contains("10.0.0.0/33"),
+            "{err}"
+        );
+        assert!(err.contains("CIDR"), "{err}");
+        let c = Config::from_toml("[server]\ntrusted_proxies = [\"10.1.2.3\", \"fd00::1\"]").unwrap();
+        let nets: Vec<String> = c.server.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.1.2.3/32", "fd00::1/128"]);
+        for negative in ["\"-5s\"", "-5", "-0.5"] {
+            let err = file_error(&format!("[cache]\nnegative_ttl = {negative}"));
+            assert!(
+                err.contains("cache.negative_ttl") && err.contains("negative"),
+                "{err}"
+            );
+        }
+        let c = Config::from_toml("[cache]\nttl = 90\nnegative_ttl = 0.5").unwrap();
+        assert_eq!(c.cache.ttl, Duration::from_secs(90));
+        assert_eq!(c.cache.negative_ttl, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_level_is_refused() {
+        let err = file_error("[log]\nlevel = \"verbose\"");
+        assert!(err.contains("log.level") && err.contains("verbose"), "{err}");
+        Config::from_toml("[log]\nlevel = \"portcullis=debug,warn\"").unwrap();
+    }
+
+    #[test]
+    fn kubernetes_service_links_do_not_stop_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let links = [
+            ("PORTCULLIS_SERVICE_HOST", "10.96.12.7"),
+            ("PORTCULLIS_SERVICE_PORT", "8443"),
+            ("PORTCULLIS_SERVICE_PORT_HTTPS", "8443"),
+            ("PORTCULLIS_PORT", "tcp://10.96.12.7:8443"),
+            ("PORTCULLIS_PORT_8443_TCP", "tcp://10.96.12.7:8443"),
+            ("PORTCULLIS_PORT_8443_TCP_PROTO", "tcp"),
+            ("PORTCULLIS_PORT_8443_TCP_PORT", "8443"),
+            ("PORTCULLIS_PORT_8443_TCP_ADDR", "10.96.12.7"),
+            ("PORTCULLIS_REDIS_SERVICE_HOST", "10.96.0.9"),
+            ("PORTCULLIS_REDIS_PORT_6379_TCP_ADDR", "10.96.0.9"),
+        ];
+        let (c, _) = Config::load_if_present(&dir.path().join("none.toml"), env(&links)).unwrap();
+        assert_eq!(c.server.listen.port(), 8443);
+        let mut with_typo = links.to_vec();
+        with_typo.push(("PORTCULLIS_SERVER_LISTN", "0.0.0.0:8443"));
+        let err = env_error(&with_typo);
+        assert!(err.contains("PORTCULLIS_SERVER_LISTN"), "{err}");
+    }
+
+    #[test]
+    fn upstream_url_with_a_path_is_refused_with_the_way_out() {
+        let err = file_error("[upstream]\nurl = \"http://grafana:3000/grafana\"");
+        assert!(err.contains("upstream.url") && err.contains("/grafana"), "{err}");
+        assert!(err.contains("auth.grafana.url"), "{err}");
+        let err = file_error(
+            "[[routes]]\nprefix = \"/x\"\nmin_role = \"Viewer\"\nupstream = \"http://other:3000/x\"",
+        );
+        assert!(
+            err.contains("routes[0].upstream") && err.contains("rewrite"),
+            "{err}"
+        );
+        // The root, with or without its slash, and a verifier under a sub path are fine.
+        Config::from_toml("[upstream]\nurl = \"http://grafana:3000/\"").unwrap();
+        let c = Config::from_toml(
+            "[upstream]\nurl = \"http://grafana:3000\"\n[auth.grafana]\nurl = \"http://grafana:3000/grafana\"",
+        )
+        .unwrap();
+        assert_eq!(c.grafana_url(), "http://grafana:3000/grafana");
+    }
+
+    #[test]
+    fn the_printed_config_holds_no_password() {
+        let c = Config::from_toml(
+            "[cache.redis]\nurl = \"redis://:s3cret-pw@10.0.0.1:6379/0\"\ncluster = [\"redis://u:other-pw@10.0.0.2:6379\"]",
+        )
+        .unwrap();
+        let printed = c.redacted().to_toml();
+        assert!(
+            !printed.contains("s3cret-pw") && !printed.contains("other-pw"),
+            "{printed}"
+        );
+        assert!(printed.contains("redis://:***@10.0.0.1:6379/0"), "{printed}");
+        // Still a config that loads.
+        Config::from_toml(&printed).unwrap();
     }
 }

@@ -17,9 +17,9 @@ use crate::auth::{
     Credential, CredentialError, DenyReason, GrafanaRefusal, Identity, Role, Verdict, Verifier, VerifyError,
 };
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
-use crate::config::{Config, Profile};
+use crate::config::{Config, GrafanaMode, Profile};
 use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, RequestBody, TrustedProxies};
-use crate::revoke::{ManagementCall, Revocation};
+use crate::revoke::{reads_session_cookie, ManagementCall, Revocation};
 use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
 use crate::shield::{self, Admission, Checked, Shield, Throttle};
 
@@ -186,6 +186,10 @@ struct InjectedHeaders {
     email: HeaderName,
     name: HeaderName,
     org: HeaderName,
+    /// Grafana's `[auth.proxy] shared_secret`, and the header it travels in.
+    secret: Option<(HeaderName, HeaderValue)>,
+    /// `identity.send_role`.
+    send_role: bool,
     /// Folded forms (lower case, `_` as `-`) of every name clients may not send.
     spoofable: Vec<Vec<u8>>,
     /// Also folded, dropped only when the peer is not a trusted proxy.
@@ -222,7 +226,29 @@ impl InjectedHeaders {
             parse(&i.name_header)?,
             parse(&i.org_header)?,
         ];
-        let spoofable = names.iter().map(|n| fold(n.as_str().as_bytes())).collect();
+        let secret_header = parse(&i.secret_header)?;
+        let secret = match &i.shared_secret_file {
+            Some(path) => {
+                let bad = |reason: String| crate::config::ConfigError::Key {
+                    key: "identity.shared_secret_file".into(),
+                    reason,
+                };
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+                let mut value = HeaderValue::from_str(text.trim())
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| bad(format!("{} holds no usable secret", path.display())))?;
+                value.set_sensitive(true);
+                Some((secret_header.clone(), value))
+            }
+            None => None,
+        };
+        let spoofable = names
+            .iter()
+            .chain(std::iter::once(&secret_header))
+            .map(|n| fold(n.as_str().as_bytes()))
+            .collect();
         let forwarded = [
             "x-forwarded-for",
             "x-forwarded-proto",
@@ -240,6 +266,8 @@ impl InjectedHeaders {
             email,
             name,
             org,
+            secret,
+            send_role: i.send_role,
             spoofable,
             forwarded,
         })
@@ -262,12 +290,25 @@ impl InjectedHeaders {
         }
     }
 
+    /// The identity headers for `identity` in `org_id`. The role only when
+    /// the operator asked for it and the user has one org: Grafana syncs a
+    /// role header into one org and removes the user from every other.
     fn inject(&self, headers: &mut HeaderMap, identity: &Identity, org_id: i64) {
         let names = [&self.user, &self.role, &self.email, &self.name, &self.org];
+        let with_role = self.send_role && !identity.is_multi_org();
         for (name, value) in names.into_iter().zip(identity.header_values(org_id)) {
-            if let Some(value) = value {
+            if let Some(value) = value.filter(|_| with_role || name != self.role) {
                 headers.insert(name.clone(), value);
             }
+        }
+    }
+
+    /// Towards Grafana's `[auth.proxy]`: the identity, with the shared
+    /// secret when one is configured.
+    fn inject_for_auth_proxy(&self, headers: &mut HeaderMap, identity: &Identity, org_id: i64) {
+        self.inject(headers, identity, org_id);
+        if let Some((name, value)) = &self.secret {
+            headers.insert(name.clone(), value.clone());
         }
     }
 }
@@ -284,6 +325,7 @@ pub struct Gateway {
     default_upstream: http::Uri,
     access_log: bool,
     shield: Arc<Shield>,
+    grafana_mode: GrafanaMode,
     pub metrics: Arc<Metrics>,
 }
 
@@ -327,6 +369,7 @@ impl Gateway {
             default_upstream,
             access_log: config.log.access_log,
             shield,
+            grafana_mode: config.identity.grafana,
             metrics,
         })
     }
@@ -512,10 +555,24 @@ impl Gateway {
             }
         }
         self.credentials_for_upstream(headers, route, credential.as_ref(), rotation);
-        if route.inject_identity {
-            // An account Grafana did not name (a token on 10.4) is no
-            // identity: every such token would become the same user.
-            if let Some((identity, org_id)) = judged.as_ref().filter(|(i, _)| i.is_named()) {
+        // An account Grafana did not name (a token on 10.4) is no identity:
+        // every such token would become the same user.
+        let identity = judged.as_ref().filter(|(i, _)| i.is_named());
+        if route.grafana {
+            // Towards Grafana: the credential or an identity, never both.
+            // Grafana checks a credential before its auth proxy, and when it
+            // refuses one the proxy headers would sign the request in.
+            if let (GrafanaMode::AuthProxy, Some((identity, org_id))) = (self.grafana_mode, identity) {
+                // Tokens and keys cannot be proxy users; the session calls
+                // read the cookie themselves.
+                if identity.is_user() && !reads_session_cookie(&upstream_path) {
+                    headers.remove(header::AUTHORIZATION);
+                    remove_cookie(headers, &self.session_cookie);
+                    self.injected.inject_for_auth_proxy(headers, identity, *org_id);
+                }
+            }
+        } else if route.inject_identity {
+            if let Some((identity, org_id)) = identity {
                 self.injected.inject(headers, identity, *org_id);
             }
         }
@@ -541,6 +598,16 @@ impl Gateway {
         }
         let response = forwarded?;
         outcomes.upstream_time = forward_started.map(|t| t.elapsed());
+        if response.status() == StatusCode::UNAUTHORIZED
+            && route.grafana
+            && matches!(outcomes.source, Some(Source::Local | Source::Shared))
+        {
+            // Grafana changed its mind about a credential the cache allowed
+            // (revoked or disabled there directly): forget it everywhere.
+            if let Some(key) = cache_key {
+                Box::pin(self.cache.invalidate(&[Eviction::Key(key)])).await;
+            }
+        }
 
         // Response phase: a management call that succeeded may have revoked
         // what the cache holds.

@@ -116,6 +116,28 @@ impl ManagementCall {
     }
 }
 
+/// Grafana's calls that read the session cookie themselves, whatever else
+/// authenticated the request: login, logout, the session list (which marks
+/// the current one), revoking one of them, rotation. Towards `[auth.proxy]`
+/// these go with the cookie, not as a proxy identity: the proxy client would
+/// win, and logout would then not end the session.
+pub fn reads_session_cookie(path: &str) -> bool {
+    let path = path
+        .strip_prefix("/graph")
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(path)
+        .trim_end_matches('/');
+    matches!(
+        path,
+        "/login"
+            | "/logout"
+            | "/api/user/auth-tokens"
+            | "/api/user/auth-tokens/rotate"
+            | "/api/user/revoke-auth-token"
+            | "/user/auth-tokens/rotate"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

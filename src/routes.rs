@@ -134,10 +134,12 @@ pub struct Route {
     pub rewrite: Option<String>,
     pub forward_credentials: bool,
     pub inject_identity: bool,
+    /// Leads to Grafana, which checks credentials itself.
+    pub grafana: bool,
 }
 
 impl Route {
-    fn from_config(c: &RouteConfig) -> Result<Route, String> {
+    fn from_config(c: &RouteConfig, profile: Profile) -> Result<Route, String> {
         let upstream = match &c.upstream {
             Some(u) => Some(u.parse::<http::Uri>().map_err(|e| e.to_string())?),
             None => None,
@@ -160,6 +162,7 @@ impl Route {
             rewrite: c.rewrite.clone(),
             forward_credentials: c.forward_credentials,
             inject_identity: c.inject_identity,
+            grafana: c.grafana.unwrap_or_else(|| leads_to_grafana(profile, c)),
         })
     }
 
@@ -194,12 +197,12 @@ impl RouteTable {
         configs.extend(extra.iter().cloned());
         let mut routes = Vec::with_capacity(configs.len());
         for (i, c) in configs.iter().enumerate() {
-            routes.push(
-                Route::from_config(c).map_err(|reason| crate::config::ConfigError::Key {
+            routes.push(Route::from_config(c, profile).map_err(|reason| {
+                crate::config::ConfigError::Key {
                     key: format!("routes[{i}]"),
                     reason,
-                })?,
-            );
+                }
+            })?);
         }
         routes.sort_by(|a, b| {
             b.prefix
@@ -224,6 +227,9 @@ impl RouteTable {
                 rewrite: None,
                 forward_credentials: true,
                 inject_identity: true,
+                // PMM's unmatched paths are pmm-managed's; elsewhere the
+                // fallback goes to `upstream.url`, Grafana.
+                grafana: profile != Profile::Pmm,
             },
         })
     }
@@ -285,6 +291,7 @@ fn rule(prefix: &str, min_role: Role) -> RouteConfig {
         rewrite: None,
         forward_credentials: true,
         inject_identity: true,
+        grafana: None,
     }
 }
 
@@ -293,6 +300,24 @@ fn alias(method: &str, prefix: &str, to: &str) -> RouteConfig {
         method: Some(method.into()),
         rewrite: Some(to.into()),
         ..rule(prefix, Role::None)
+    }
+}
+
+/// Where a rule's requests go when it does not say: Grafana behind
+/// `upstream.url`, except in PMM, where Grafana is `/graph` (and the login
+/// flow) and the rest is pmm-managed, VictoriaMetrics and friends.
+fn leads_to_grafana(profile: Profile, c: &RouteConfig) -> bool {
+    if c.upstream.is_some() {
+        return false;
+    }
+    match profile {
+        Profile::Grafana | Profile::Custom => true,
+        Profile::Pmm => {
+            let prefix = c.prefix.trim_end_matches('/');
+            ["/graph", "/login", "/logout", "/api/login", "/api/logout"]
+                .iter()
+                .any(|p| prefix == *p || prefix.starts_with(&format!("{p}/")))
+        }
     }
 }
 

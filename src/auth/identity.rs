@@ -267,6 +267,13 @@ impl Identity {
             .map(|o| o.role)
     }
 
+    /// A person (password or session), who can be an `[auth.proxy]` user;
+    /// tokens and keys cannot.
+    pub fn is_user(&self) -> bool {
+        self.principal.kind == PrincipalKind::User
+            && matches!(self.method, AuthMethod::Password | AuthMethod::Session)
+    }
+
     /// Whether the user belongs to more than one org.
     pub fn is_multi_org(&self) -> bool {
         !self.other_orgs.is_empty()

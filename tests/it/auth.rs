@@ -534,7 +534,8 @@ async fn identity_headers_injected_and_spoofs_removed() {
         serde_json::json!(["viewer1"]),
         "{echo}"
     );
-    assert_eq!(headers["x-webauth-role"], serde_json::json!(["Viewer"]));
+    // No role header unless the operator asks for one (identity.send_role).
+    assert!(headers.get("x-webauth-role").is_none(), "{echo}");
     assert_eq!(headers["x-webauth-org-id"], serde_json::json!(["1"]));
     for (name, _) in headers.as_object().unwrap() {
         assert!(!name.contains('_'), "spoofed {name} reached the upstream: {echo}");
@@ -723,6 +724,7 @@ async fn route_can_withhold_credentials_from_the_upstream() {
             rewrite: None,
             forward_credentials: false,
             inject_identity: true,
+            grafana: None,
         });
     })
     .await;

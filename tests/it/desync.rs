@@ -39,6 +39,7 @@ fn config(upstream_url: &str, mode: Mode) -> (Config, tempfile::TempDir) {
         rewrite: None,
         forward_credentials: true,
         inject_identity: true,
+        grafana: None,
     }];
     config.upstream.direct_exchange = mode == Mode::Direct;
     config.upstream.response_timeout = Duration::from_secs(1);

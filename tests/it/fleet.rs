@@ -254,7 +254,7 @@ pub(crate) async fn get(http: &reqwest::Client, gw: &Gateway, path: &str, auth: 
 /// A UI path every test credential may read (Viewer); the stand-in answers
 /// it without checking credentials itself, so its verification counter
 /// counts only the gateways' questions.
-const PROBE: &str = "/d/fleet-probe";
+const PROBE: &str = "/__stub/echo/fleet-probe";
 
 #[tokio::test]
 async fn verified_on_one_gateway_is_served_by_another_without_verification() {
@@ -464,6 +464,7 @@ async fn role_lowered_on_a_is_forbidden_on_b() {
             rewrite: None,
             forward_credentials: true,
             inject_identity: true,
+            grafana: None,
         })
     };
     let (a, b) = pair(&stub, &redis, editors_only).await;

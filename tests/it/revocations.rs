@@ -63,6 +63,7 @@ async fn fleet(profile: Profile) -> Fleet {
                 rewrite: None,
                 forward_credentials: true,
                 inject_identity: true,
+                grafana: None,
             });
         }
         gateways.push(fleet::start_gateway(config, dir).await);

@@ -208,6 +208,7 @@ async fn a_request_is_judged_with_the_callers_role_in_the_org_it_selects() {
     stub.add_org_member(ops, user, "Admin");
     let lab = stub.add_org("Lab");
     let gw = start(&stub, |config| {
+        config.identity.send_role = true;
         config.routes.push(portcullis::config::RouteConfig {
             prefix: ADMIN_AREA.into(),
             method: None,
@@ -217,6 +218,9 @@ async fn a_request_is_judged_with_the_callers_role_in_the_org_it_selects() {
             rewrite: None,
             forward_credentials: true,
             inject_identity: true,
+            // Not Grafana (which gets no identity header in credential mode):
+            // an upstream that takes the identity headers as they come.
+            grafana: Some(false),
         });
     })
     .await;
@@ -243,7 +247,9 @@ async fn a_request_is_judged_with_the_callers_role_in_the_org_it_selects() {
         assert_eq!(status, 200, "{how}: {echo}");
         let headers = &echo["headers"];
         assert_eq!(headers["x-webauth-org-id"][0], ops, "{how}: {headers}");
-        assert_eq!(headers["x-webauth-role"][0], "Admin", "{how}: {headers}");
+        // Even asked to send roles, the gateway sends none for a user in
+        // several orgs: Grafana would drop them from all but one.
+        assert!(headers.get("x-webauth-role").is_none(), "{how}: {headers}");
         assert_eq!(headers["x-grafana-org-id"][0], ops, "{how}: {headers}");
         // The same org through the query parameter Grafana also reads.
         let (status, _) = org_echo(&gw, &format!("{ADMIN_AREA}?targetOrgId={ops}"), apply, None).await;
