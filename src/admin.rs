@@ -68,6 +68,10 @@ pub struct Readiness {
     redis: AtomicU8,
     /// host:port of the upstream, probed with a TCP connect.
     pub upstream: String,
+    /// host:port of the verifier's Grafana when it is not the upstream
+    /// (`auth.grafana.url`), probed the same way: requests that need a
+    /// verification fail while it is down.
+    pub verifier: Option<String>,
 }
 
 impl Readiness {
@@ -77,7 +81,13 @@ impl Readiness {
             tls_loaded: AtomicBool::new(false),
             redis: AtomicU8::new(RedisState::NotConfigured as u8),
             upstream,
+            verifier: None,
         }
+    }
+
+    pub fn with_verifier(mut self, verifier: Option<String>) -> Readiness {
+        self.verifier = verifier;
+        self
     }
 
     pub fn set_redis(&self, state: RedisState) {
@@ -93,14 +103,18 @@ impl Readiness {
     }
 
     async fn check(&self) -> (StatusCode, serde_json::Value) {
-        let upstream_ok = matches!(
-            tokio::time::timeout(
-                Duration::from_secs(1),
-                tokio::net::TcpStream::connect(&self.upstream)
+        async fn reachable(target: &str) -> bool {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target)).await,
+                Ok(Ok(_))
             )
-            .await,
-            Ok(Ok(_))
-        );
+        }
+        let (upstream_ok, verifier_ok) = tokio::join!(reachable(&self.upstream), async {
+            match &self.verifier {
+                Some(target) => Some(reachable(target).await),
+                None => None,
+            }
+        });
         let listening = self.listening.load(Ordering::Relaxed);
         let tls = self.tls_loaded.load(Ordering::Relaxed);
         let redis = match self.redis() {
@@ -118,8 +132,11 @@ impl Readiness {
         if !upstream_ok {
             reasons.push(format!("upstream {} unreachable", self.upstream));
         }
+        if let (Some(target), Some(false)) = (&self.verifier, verifier_ok) {
+            reasons.push(format!("verifier (auth.grafana.url) {target} unreachable"));
+        }
         // Redis is optional: a degraded Redis is reported, not fatal.
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "status": if reasons.is_empty() { "ready" } else { "not ready" },
             "listener": listening,
             "tls": tls,
@@ -127,6 +144,9 @@ impl Readiness {
             "redis": redis,
             "reasons": reasons,
         });
+        if let Some(ok) = verifier_ok {
+            body["verifier"] = serde_json::Value::Bool(ok);
+        }
         let status = if reasons.is_empty() {
             StatusCode::OK
         } else {

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{Admin, Metrics, Readiness, RedisState};
 use crate::cache::{Cache, KeyOrigin, Keyer};
-use crate::config::Config;
+use crate::config::{values, Config, ConfigError, TlsConfig, VerifierKind};
 use crate::gateway::Gateway;
 use crate::server::{Limits, Shutdown, TlsServer};
 
@@ -73,30 +73,141 @@ impl Running {
     }
 }
 
+/// The TLS pair as [`check`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFiles {
+    /// Both files are there, readable, and belong together.
+    Present,
+    /// Neither is there; the first start writes a self-signed pair (the
+    /// directory was found writable).
+    WillGenerate,
+}
+
+/// What [`check`] read, for [`start`] to use.
+pub struct Checked {
+    keyer: Keyer,
+    pub tls: TlsFiles,
+}
+
+/// Every check start-up makes short of binding the listeners and reaching
+/// Redis, in one place for [`start`] and `portcullis check`: the config's own
+/// rules, the files it names (the TLS pair, or a writable place for a
+/// generated one; `cache.key_file`; `auth.grafana.admin_token_file`;
+/// `upstream.ca_file`), a shared HMAC key when Redis is configured, and
+/// everything the request path is built from (routes, verifier, forwarder,
+/// identity headers), built once here and dropped. Errors name the key, or
+/// the environment variable that set it.
+pub fn check(config: &Config, env_cache_key: Option<&str>) -> Result<Checked, Error> {
+    config.validate()?;
+    let blame = |e: Error| match e {
+        Error::Config(c) => Error::Config(config.blame(c)),
+        other => other,
+    };
+    let tls = check_tls(&config.tls).map_err(blame)?;
+    let keyer = Keyer::from_config(&config.cache, env_cache_key).map_err(|e| blame(e.into()))?;
+    let redis = &config.cache.redis;
+    if redis.enabled() && keyer.origin == KeyOrigin::Random {
+        return Err(blame(
+            ConfigError::Key {
+                key: "cache.key_file".into(),
+                reason: format!(
+                    "Redis is configured ({}), so replicas share cache entries and need the same HMAC key: \
+                     set cache.key_file or {}",
+                    if redis.cluster.is_empty() {
+                        "cache.redis.url"
+                    } else {
+                        "cache.redis.cluster"
+                    },
+                    config::CACHE_KEY_ENV
+                ),
+            }
+            .into(),
+        ));
+    }
+    // What start-up builds from the config, built the same way and dropped
+    // (silently: start-up logs its own warnings).
+    let built = tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
+        let mut cache_config = config.cache.clone();
+        cache_config.max_entries = 1;
+        let cache = Arc::new(Cache::new(&cache_config, Keyer::new(&[0; 32], KeyOrigin::Random)));
+        let shield = Arc::new(shield::Shield::new(&config.auth, None));
+        Gateway::new(config, cache, shield, Arc::new(Metrics::default())).map(drop)
+    });
+    built.map_err(blame)?;
+    Ok(Checked { keyer, tls })
+}
+
+/// The pair is read and matched when it is there; when neither file is,
+/// the place the first start will write it must be writable (an image whose
+/// working directory is read-only for its user fails here, not later).
+fn check_tls(config: &TlsConfig) -> Result<TlsFiles, Error> {
+    match (config.cert.exists(), config.key.exists()) {
+        (true, true) => {
+            tls::load(config)?;
+            Ok(TlsFiles::Present)
+        }
+        (false, false) => {
+            for (key, path) in [("tls.cert", &config.cert), ("tls.key", &config.key)] {
+                writable_for(path).map_err(|(dir, e)| ConfigError::Key {
+                    key: key.into(),
+                    reason: format!(
+                        "neither tls.cert nor tls.key exists, so a self-signed pair is generated on start, \
+                         but {} cannot be written there ({dir}: {e}); give it a writable directory \
+                         (a volume) or point tls.cert and tls.key at an existing pair",
+                        path.display()
+                    ),
+                })?;
+            }
+            Ok(TlsFiles::WillGenerate)
+        }
+        _ => Err(tls::TlsError::HalfPair {
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+        }
+        .into()),
+    }
+}
+
+/// Whether `path` could be created: a file is made and removed in the nearest
+/// directory above it that exists (the rest is created on the way).
+fn writable_for(path: &std::path::Path) -> Result<(), (String, std::io::Error)> {
+    let mut dir = path.parent();
+    let existing = loop {
+        match dir {
+            Some(d) if d.as_os_str().is_empty() => break std::path::Path::new("."),
+            Some(d) if d.is_dir() => break d,
+            Some(d) => dir = d.parent(),
+            None => break std::path::Path::new("/"),
+        }
+    };
+    let probe = existing.join(format!(
+        ".portcullis-check-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err((existing.display().to_string(), e)),
+    }
+}
+
 /// Binds, loads TLS and starts serving. `env_cache_key` is the value of
 /// `PORTCULLIS_CACHE_KEY`, passed in so that tests need no process environment.
+/// Everything [`check`] refuses stops it first.
 pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Running, Error> {
+    let checked = check(&config, env_cache_key.as_deref())?;
     let material = tls::load(&config.tls)?;
     tracing::info!(fingerprint = %material.fingerprint, cert = %config.tls.cert.display(), "TLS certificate loaded (SHA-256)");
 
-    let keyer = Keyer::from_config(&config.cache, env_cache_key.as_deref())?;
+    let keyer = checked.keyer;
     let redis = &config.cache.redis;
-    if redis.enabled() && keyer.origin == KeyOrigin::Random {
-        return Err(config::ConfigError::Key {
-            key: "cache.key_file".into(),
-            reason: format!(
-                "Redis is configured ({}), so replicas share cache entries and need the same HMAC key: \
-                 set cache.key_file or {}",
-                if redis.cluster.is_empty() {
-                    "cache.redis.url"
-                } else {
-                    "cache.redis.cluster"
-                },
-                config::CACHE_KEY_ENV
-            ),
-        }
-        .into());
-    }
     if keyer.origin == KeyOrigin::Random {
         tracing::info!("cache HMAC key is random for this process (set cache.key_file to share a cache)");
     }
@@ -125,28 +236,7 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
     let (listener, addr) = bind("server.listen", config.server.listen).await?;
     let (admin_listener, admin_addr) = bind("server.admin_listen", config.server.admin_listen).await?;
 
-    let upstream: http::Uri = config
-        .upstream
-        .url
-        .parse()
-        .map_err(|_| config::ConfigError::Key {
-            key: "upstream.url".into(),
-            reason: "not a URL".into(),
-        })?;
-    let upstream_port = upstream
-        .port_u16()
-        .unwrap_or(if upstream.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
-    let readiness = Arc::new(Readiness::new(format!(
-        "{}:{upstream_port}",
-        upstream
-            .host()
-            .unwrap_or("127.0.0.1")
-            .trim_matches(|c| c == '[' || c == ']')
-    )));
+    let readiness = Arc::new(readiness_for(&config)?);
     readiness
         .tls_loaded
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -195,6 +285,29 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
         stop,
         server,
     })
+}
+
+/// What `/readyz` probes: the upstream, and the verifier's Grafana when it is
+/// somewhere else (`auth.grafana.url` on another host or port).
+fn readiness_for(config: &Config) -> Result<Readiness, Error> {
+    let target = |key: &str, url: &str| {
+        values::check_base_url(url, true)
+            .map(|uri| values::connect_target(&uri))
+            .map_err(|reason| {
+                config.blame(ConfigError::Key {
+                    key: key.into(),
+                    reason,
+                })
+            })
+    };
+    let upstream = target("upstream.url", &config.upstream.url)?;
+    let verifier = match config.auth.verifier {
+        VerifierKind::Grafana if !config.auth.grafana.url.is_empty() => {
+            Some(target("auth.grafana.url", &config.auth.grafana.url)?).filter(|v| *v != upstream)
+        }
+        _ => None,
+    };
+    Ok(Readiness::new(upstream).with_verifier(verifier))
 }
 
 /// Binds a listener; the error names the config key (port 0 picks a free port).

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use portcullis::config::{Config, LogFormat, CACHE_KEY_ENV};
+use portcullis::TlsFiles;
 
 #[derive(Parser)]
 #[command(
@@ -16,42 +17,76 @@ use portcullis::config::{Config, LogFormat, CACHE_KEY_ENV};
     about = "TLS authentication gateway for Grafana and PMM"
 )]
 struct Cli {
-    /// Config file; built-in defaults when it does not exist.
-    #[arg(long, short, global = true, default_value = "gateway.toml")]
-    config: PathBuf,
+    /// Config file, which must exist. Without this option ./gateway.toml is
+    /// read, and the built-in defaults are used when it does not exist.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the config and print the effective settings.
+    /// Validate the config as a start would (the files it names included)
+    /// and print the effective settings, passwords hidden.
     Check,
     /// Run the gateway (the default).
     Run,
 }
 
+/// The implicit config file, which may be absent.
+const DEFAULT_CONFIG: &str = "gateway.toml";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config, std::env::vars()) {
-        Ok(c) => c,
+    let loaded = match &cli.config {
+        Some(path) => Config::load(path, std::env::vars()).map(|c| (c, path.clone(), true)),
+        None => {
+            let path = PathBuf::from(DEFAULT_CONFIG);
+            Config::load_if_present(&path, std::env::vars()).map(|(c, found)| (c, path, found))
+        }
+    };
+    let (config, path, found) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("portcullis: {e}");
             return ExitCode::from(2);
         }
     };
+    let source = if found {
+        path.display().to_string()
+    } else {
+        format!("the built-in defaults (no ./{DEFAULT_CONFIG})")
+    };
     match cli.command {
         Some(Command::Check) => {
-            print!("{}", config.to_toml());
-            eprintln!("portcullis: {} is valid", cli.config.display());
+            // The same checks as a start, files included; nothing is bound
+            // and Redis is not contacted.
+            let checked = match portcullis::check(&config, std::env::var(CACHE_KEY_ENV).ok().as_deref()) {
+                Ok(checked) => checked,
+                Err(e) => {
+                    eprintln!("portcullis: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            print!("{}", config.redacted().to_toml());
+            if checked.tls == TlsFiles::WillGenerate {
+                eprintln!(
+                    "portcullis: {} and {} do not exist: the first start writes a self-signed pair there",
+                    config.tls.cert.display(),
+                    config.tls.key.display()
+                );
+            }
+            eprintln!("portcullis: {source} is valid");
             ExitCode::SUCCESS
         }
-        Some(Command::Run) | None => run(config),
+        Some(Command::Run) | None => run(config, &source),
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, source: &str) -> ExitCode {
     init_logging(&config);
+    tracing::info!(config = %source, "configuration loaded");
     // One worker: a current-thread runtime skips the work-stealing machinery.
     let mut runtime = if config.server.workers == 1 {
         tokio::runtime::Builder::new_current_thread()

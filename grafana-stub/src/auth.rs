@@ -147,11 +147,15 @@ impl ApiError {
     }
 }
 
-/// Runs PBKDF2 (or any CPU-heavy closure) off the async workers.
+/// Runs PBKDF2 (or any CPU-heavy closure) off the async workers. A closure
+/// that panicked panics here; one cancelled because the runtime is shutting
+/// down (a test ending while a request is in flight) never completes —
+/// the task awaiting it is being dropped anyway.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
         Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => std::future::pending().await,
     }
 }
 

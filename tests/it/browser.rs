@@ -134,7 +134,12 @@ async fn counters(browser: &Browser) -> Option<Counters> {
     })
 }
 
+/// One browser at a time: Chromium is the heaviest thing in the suite, and
+/// the other tests share the machine's cores with it.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn sign_in_and_stay(scenario: Scenario) {
+    let _one_browser = ONE_BROWSER.lock().await;
     let (stub, gw) = start(&scenario).await;
     let browser = Browser::start().await;
     let name = scenario.name;

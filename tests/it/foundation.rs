@@ -1104,7 +1104,8 @@ async fn a_bad_config_stops_the_binary_naming_the_key() {
         }
     }
     // The same for an environment override that names no key.
-    let path = dir.path().join("absent.toml");
+    let path = dir.path().join("empty.toml");
+    std::fs::write(&path, "").unwrap();
     let path = path.to_str().unwrap();
     let (status, _, stderr) =
         run_binary(&["--config", path, "check"], &[("PORTCULLIS_SERVER_LISTN", "1")]).await;

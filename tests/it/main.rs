@@ -3,6 +3,7 @@
 
 mod auth;
 mod browser;
+mod config;
 mod desync;
 mod fleet;
 mod foundation;
