@@ -12,6 +12,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::admin::Metrics;
+use crate::auth::credential::go_cookie;
 use crate::auth::org::{self, OrgError};
 use crate::auth::{
     Credential, CredentialError, DenyReason, GrafanaRefusal, Identity, Role, Verdict, Verifier, VerifyError,
@@ -56,6 +57,10 @@ pub enum Refusal {
     Throttled(VerifyError),
     #[error("login form larger than the gateway reads")]
     BadLoginForm,
+    #[error("TRACE is not forwarded")]
+    MethodNotAllowed,
+    #[error("request header fields larger than server.max_header_bytes")]
+    HeadTooLarge,
     /// The client's request body broke off or was malformed.
     #[error("unreadable request body")]
     BadBody,
@@ -90,6 +95,8 @@ impl Refusal {
             Refusal::VerifierUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BadLoginForm => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::BadBody => StatusCode::BAD_REQUEST,
             Refusal::Proxy(e) => e.status(),
             Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -113,6 +120,8 @@ impl Refusal {
             }
             Refusal::Throttled(_) => "Too many failed attempts from this address: try again later".into(),
             Refusal::BadLoginForm => "Login form too large".into(),
+            Refusal::MethodNotAllowed => "Method not allowed".into(),
+            Refusal::HeadTooLarge => "Request header fields too large".into(),
             Refusal::BadBody => "Bad request: unreadable request body".into(),
             Refusal::Proxy(ProxyError::Unreachable(_)) => "Bad gateway: upstream unreachable".into(),
             Refusal::Proxy(ProxyError::InvalidResponse(_)) => {
@@ -326,6 +335,7 @@ pub struct Gateway {
     access_log: bool,
     shield: Arc<Shield>,
     grafana_mode: GrafanaMode,
+    max_header_bytes: usize,
     pub metrics: Arc<Metrics>,
 }
 
@@ -370,6 +380,7 @@ impl Gateway {
             access_log: config.log.access_log,
             shield,
             grafana_mode: config.identity.grafana,
+            max_header_bytes: config.server.max_header_bytes,
             metrics,
         })
     }
@@ -429,6 +440,21 @@ impl Gateway {
         peer: &Peer,
         outcomes: &mut Outcomes,
     ) -> Result<Response<Body>, Refusal> {
+        // TRACE would echo the caller's credentials back through any
+        // upstream that answers it.
+        if request.method() == Method::TRACE || request.method().as_str() == "TRACK" {
+            return Err(Refusal::MethodNotAllowed);
+        }
+        // hyper reads heads up to twice this (server.rs), so that a head
+        // past the limit gets an answer in JSON from here.
+        let head_bytes: usize = request
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if head_bytes > self.max_header_bytes {
+            return Err(Refusal::HeadTooLarge);
+        }
         // A clone of the target (reference counts, no copy) lets the
         // normalised path borrow it while the request is rewritten.
         let target = request.uri().clone();
@@ -837,16 +863,16 @@ fn throttled(throttle: Throttle) -> Refusal {
     })
 }
 
-/// Removes one cookie from every `Cookie` header, keeping the others.
+/// Removes one cookie from every `Cookie` header, keeping the others as Go
+/// reads them (the gateway read the session cookie the same way).
 fn remove_cookie(headers: &mut HeaderMap, name: &str) {
     let kept: Vec<String> = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty() && pair.split_once('=').is_none_or(|(k, _)| k != name))
-        .map(str::to_owned)
+        .filter(|part| go_cookie(part).is_some_and(|(n, _)| n != name))
+        .map(|part| part.trim().to_owned())
         .collect();
     headers.remove(header::COOKIE);
     if !kept.is_empty() {

@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +15,6 @@ use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -69,12 +67,14 @@ pub fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
+        // Twice the limit: a head past the limit but within this reaches the
+        // gateway, which answers 431 in JSON (hyper's own 431 has no body).
+        .max_buf_size(config.max_header_bytes.saturating_mul(2).max(8192))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_bytes.min(u32::MAX as usize) as u32)
+        .max_header_list_size(config.max_header_bytes.saturating_mul(2).min(u32::MAX as usize) as u32)
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
@@ -149,10 +149,7 @@ impl TlsServer {
             }
         };
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(Tracked {
-            inner: tls,
-            activity: activity.clone(),
-        });
+        let io = TokioIo::new(tls);
         let gateway = self.gateway.clone();
         let in_service = activity.clone();
         let client = Arc::new(gateway.peer(peer));
@@ -161,8 +158,11 @@ impl TlsServer {
             let activity = in_service.clone();
             let client = client.clone();
             async move {
-                let _busy = activity.busy();
-                Ok::<_, Infallible>(gateway.handle(request, &client).await)
+                // Held until the response body has been sent: a long
+                // download is not an idle connection.
+                let busy = Busy::new(activity);
+                let response = gateway.handle(request, &client).await;
+                Ok::<_, Infallible>(response.map(|body| BusyBody { body, _busy: busy }))
             }
         });
         let mut conn = pin!(self.http.serve_connection_with_upgrades(io, service));
@@ -264,57 +264,80 @@ impl<F: Future + Unpin> Future for Gated<F> {
     }
 }
 
-/// I/O seen on a connection and requests being handled on it. Reads and
-/// writes only bump a counter: reading the clock on every one cost more than
-/// the idle check it serves.
+/// Requests started on a connection and requests (with their response
+/// bodies) still under way. Idleness is measured in requests, not bytes: an
+/// HTTP/2 client that only sends PINGs is idle.
 struct Activity {
-    io_events: AtomicU64,
     busy: AtomicUsize,
     requests: AtomicU64,
 }
 
-struct Busy<'a>(&'a AtomicUsize);
+/// One request under way, from its head to the end of its response body.
+struct Busy(Arc<Activity>);
 
-impl Drop for Busy<'_> {
+impl Busy {
+    fn new(activity: Arc<Activity>) -> Busy {
+        activity.requests.fetch_add(1, Ordering::Relaxed);
+        activity.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(activity)
+    }
+}
+
+impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted as under way.
+struct BusyBody<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for BusyBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
 impl Activity {
     fn new() -> Activity {
         Activity {
-            io_events: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
         }
-    }
-
-    fn touch(&self) {
-        self.io_events.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn busy(&self) -> Busy<'_> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.busy.fetch_add(1, Ordering::Relaxed);
-        Busy(&self.busy)
     }
 
     fn any_request(&self) -> bool {
         self.requests.load(Ordering::Relaxed) > 0
     }
 
-    /// Resolves once the connection saw no I/O for `limit` and no request is
-    /// being handled (a slow upstream is not the client's idleness).
+    /// Resolves once no request was started for `limit` and none is under
+    /// way (a slow upstream or a long download is not the client's idleness).
     async fn idle_for(&self, limit: Duration) {
         // Sampled a few times per period: closes between `limit` and
-        // `limit + step` after the last I/O.
+        // `limit + step` after the last request ended.
         let step = (limit / 4).max(Duration::from_millis(100));
-        let mut seen = self.io_events.load(Ordering::Relaxed);
+        let mut seen = self.requests.load(Ordering::Relaxed);
         let mut quiet_since = Instant::now();
         loop {
             tokio::time::sleep(step).await;
-            let now = self.io_events.load(Ordering::Relaxed);
+            let now = self.requests.load(Ordering::Relaxed);
             if now != seen || self.busy.load(Ordering::Relaxed) > 0 {
                 seen = now;
                 quiet_since = Instant::now();
@@ -322,61 +345,6 @@ impl Activity {
                 return;
             }
         }
-    }
-}
-
-/// The TLS stream, noting each successful read or write.
-struct Tracked<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        result
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        result
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

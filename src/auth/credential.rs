@@ -40,6 +40,8 @@ pub enum CredentialError {
     DuplicateAuthorization,
     #[error("Authorization header is not visible ASCII")]
     NotAscii,
+    #[error("more than one session cookie")]
+    AmbiguousSession,
     /// Well-framed but unusable credentials: answered 401.
     #[error("unsupported authorization scheme")]
     UnsupportedScheme,
@@ -56,7 +58,9 @@ impl CredentialError {
     pub fn is_bad_request(&self) -> bool {
         matches!(
             self,
-            CredentialError::DuplicateAuthorization | CredentialError::NotAscii
+            CredentialError::DuplicateAuthorization
+                | CredentialError::NotAscii
+                | CredentialError::AmbiguousSession
         )
     }
 }
@@ -111,7 +115,7 @@ impl Credential {
             }
             return Self::from_authorization(value).map(Some);
         }
-        Ok(session_from_cookies(headers, session_cookie).map(|token| Credential::Session { token }))
+        Ok(session_from_cookies(headers, session_cookie)?.map(|token| Credential::Session { token }))
     }
 
     pub fn from_authorization(value: &HeaderValue) -> Result<Credential, CredentialError> {
@@ -272,17 +276,62 @@ fn decode_legacy_key(token: &str) -> Option<LegacyKey> {
 }
 
 /// Finds the session cookie in every `Cookie` header (HTTP/2 may split them).
-fn session_from_cookies(headers: &HeaderMap, name: &str) -> Option<String> {
+/// The session cookie, read exactly as Go's `net/http` (and so Grafana)
+/// reads cookies: each `Cookie` line split on `;`, names and values trimmed,
+/// one pair of surrounding quotes dropped, pairs with a bad name or value
+/// skipped. More than one cookie of that name is ambiguous — which one
+/// would Grafana take? — and refused like two `Authorization` headers.
+fn session_from_cookies(headers: &HeaderMap, name: &str) -> Result<Option<String>, CredentialError> {
+    let mut found = None;
+    for (cookie, value) in go_cookies(headers) {
+        if cookie != name {
+            continue;
+        }
+        if found.is_some() {
+            return Err(CredentialError::AmbiguousSession);
+        }
+        found = Some(value);
+    }
+    Ok(found
+        .filter(|v| !v.is_empty() && v.len() <= 1024)
+        .map(str::to_owned))
+}
+
+/// Every valid cookie of every `Cookie` line, as Go's `readCookies` yields
+/// them: `(name, value)` with the value unquoted.
+pub fn go_cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
-        .filter(|v| !v.is_empty() && v.len() <= 1024)
-        .map(str::to_owned)
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(';'))
+        .filter_map(go_cookie)
+}
+
+/// One `name=value` part of a `Cookie` line, or `None` where Go skips it.
+pub fn go_cookie(part: &str) -> Option<(&str, &str)> {
+    let part = part.trim_matches(go_space);
+    if part.is_empty() {
+        return None;
+    }
+    let (name, value) = part.split_once('=').unwrap_or((part, ""));
+    let name = name.trim_matches(go_space);
+    let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return None;
+    }
+    let value = value.trim_matches(go_space);
+    let value = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) if value.len() >= 2 => inner,
+        _ => value,
+    };
+    let valid = |b: u8| (0x20..0x7f).contains(&b) && b != b'"' && b != b';' && b != b'\\';
+    value.bytes().all(valid).then_some((name, value))
+}
+
+/// Go's `textproto.TrimString`: ASCII space, tab, CR and LF.
+fn go_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\r' | '\n')
 }
 
 #[cfg(test)]
@@ -297,6 +346,35 @@ mod tests {
         "eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=";
     const SEED_GRAFANA_KEY: &str =
         "eyJrIjoiWHZiSWd3NzdCYUZnNUtibE9obUpESmE3bzJYNDRIc0UiLCJuIjoibXlrZXkiLCJpZCI6MX1=";
+
+    #[test]
+    fn cookies_read_as_go_reads_them() {
+        let session = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(COOKIE, HeaderValue::from_str(l).unwrap());
+            }
+            session_from_cookies(&h, "grafana_session")
+        };
+        assert_eq!(session(&["a=1; grafana_session=abc"]), Ok(Some("abc".into())));
+        assert_eq!(session(&["grafana_session=\"abc\""]), Ok(Some("abc".into())));
+        // Go trims the name: this is the session cookie to Grafana too.
+        assert_eq!(session(&[" grafana_session =abc"]), Ok(Some("abc".into())));
+        // Two of them, on one line or two: which would Grafana take?
+        assert_eq!(
+            session(&["grafana_session=abc; grafana_session=def"]),
+            Err(CredentialError::AmbiguousSession)
+        );
+        assert_eq!(
+            session(&["grafana_session=abc", "grafana_session=abc"]),
+            Err(CredentialError::AmbiguousSession)
+        );
+        // The name inside another cookie's quoted value is no cookie to Go:
+        // the quote left in the value makes it invalid.
+        assert_eq!(session(&["x=\"a; grafana_session=evil\""]), Ok(None));
+        assert_eq!(session(&["grafana_session=ab\\c"]), Ok(None));
+        assert_eq!(session(&["grafana_session=\"abc"]), Ok(None));
+    }
 
     #[test]
     fn grafana_checksum_vector() {

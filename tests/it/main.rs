@@ -7,6 +7,7 @@ mod config;
 mod desync;
 mod fleet;
 mod foundation;
+mod hardening;
 mod lockout;
 mod revocations;
 mod sessions;
