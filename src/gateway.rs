@@ -15,7 +15,8 @@ use crate::admin::Metrics;
 use crate::auth::credential::go_cookie;
 use crate::auth::org::{self, OrgError};
 use crate::auth::{
-    Credential, CredentialError, DenyReason, GrafanaRefusal, Identity, Role, Verdict, Verifier, VerifyError,
+    Credential, CredentialError, CredentialKind, DenyReason, GrafanaRefusal, Identity, Role, Verdict,
+    Verifier, VerifyError,
 };
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, GrafanaMode, Profile};
@@ -336,14 +337,101 @@ pub struct Gateway {
     shield: Arc<Shield>,
     grafana_mode: GrafanaMode,
     max_header_bytes: usize,
+    request_ids: RequestIds,
     pub metrics: Arc<Metrics>,
 }
 
 /// What the access log says about one request.
-struct Outcomes {
+struct Outcomes<'g> {
+    /// Shared by the access log, the audit trail and the upstream.
+    request_id: HeaderValue,
+    /// The prefix of the route the request matched.
+    route: Option<&'g str>,
+    /// The credential as presented (a reference count, not a copy): the
+    /// audit trail names the login a refused password was tried for.
+    authorization: Option<HeaderValue>,
+    credential: Option<CredentialKind>,
     identity: Option<Arc<Identity>>,
     source: Option<Source>,
     upstream_time: Option<Duration>,
+}
+
+/// `X-Request-Id`: kept from a trusted proxy, made here otherwise.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Request ids unique across restarts and replicas: a random prefix per
+/// process and a counter.
+struct RequestIds {
+    prefix: u32,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        RequestIds {
+            prefix: rand::random(),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// A trusted proxy's id when it sent one usable id, else a new one.
+    fn for_request(&self, headers: &HeaderMap, trusted_peer: bool) -> HeaderValue {
+        if trusted_peer {
+            let mut sent = headers.get_all(&X_REQUEST_ID).iter();
+            if let (Some(id), None) = (sent.next(), sent.next()) {
+                if !id.is_empty() && id.len() <= 128 && id.as_bytes().iter().all(u8::is_ascii_graphic) {
+                    return id.clone();
+                }
+            }
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut text = [0u8; 25];
+        let mut cursor = std::io::Cursor::new(&mut text[..]);
+        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{:08x}-{n:016x}", self.prefix));
+        let len = cursor.position() as usize;
+        HeaderValue::from_bytes(&text[..len]).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
+impl Outcomes<'_> {
+    /// One audit line for a refused authentication: who tried what, from
+    /// where, and why — never the password or token itself.
+    fn audit_refusal(&self, refusal: &Refusal, client: IpAddr, method: &Method) {
+        let reason = match refusal {
+            Refusal::NoCredential | Refusal::Login { .. } => "no_credential",
+            Refusal::BadCredential(_) | Refusal::Refused => "bad_credential",
+            Refusal::Grafana(r) if r.needs_rotation() => "session_rotation_due",
+            Refusal::Rotate { .. } => "session_rotation_due",
+            Refusal::Grafana(_) => "session_refused",
+            Refusal::Forbidden => "forbidden",
+            Refusal::NotInOrg(_) => "not_in_org",
+            Refusal::Throttled(VerifyError::Throttled { per_login: true, .. }) => "login_budget_used_up",
+            Refusal::Throttled(_) => "client_budget_used_up",
+            Refusal::VerifierUnavailable(_) => "verifier_unavailable",
+            _ => return,
+        };
+        // Only the user name of a password: never its secret half.
+        let login = self
+            .authorization
+            .as_ref()
+            .and_then(|v| Credential::from_authorization(v).ok())
+            .and_then(|c| match c {
+                Credential::Password { user, .. } => Some(user),
+                _ => None,
+            });
+        tracing::info!(
+            target: "audit",
+            event = "auth_refused",
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            client = %client,
+            method = %method,
+            route = self.route.unwrap_or("-"),
+            credential = self.credential.map(CredentialKind::as_str),
+            login = login.as_deref(),
+            reason,
+            status = refusal.status().as_u16(),
+        );
+    }
 }
 
 impl Gateway {
@@ -381,6 +469,7 @@ impl Gateway {
             shield,
             grafana_mode: config.identity.grafana,
             max_header_bytes: config.server.max_header_bytes,
+            request_ids: RequestIds::new(),
             metrics,
         })
     }
@@ -399,10 +488,16 @@ impl Gateway {
         let started = self.access_log.then(Instant::now);
         // Before anything else reads the request.
         self.injected.strip(request.headers_mut(), peer.trusted);
+        let request_id = self.request_ids.for_request(request.headers(), peer.trusted);
+        request.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         let method = request.method().clone();
         // Path only: a query string may carry secrets.
         let path = self.access_log.then(|| request.uri().path().to_owned());
         let mut outcomes = Outcomes {
+            request_id,
+            route: None,
+            authorization: request.headers().get(header::AUTHORIZATION).cloned(),
+            credential: None,
             identity: None,
             source: None,
             upstream_time: None,
@@ -411,8 +506,9 @@ impl Gateway {
             Ok(response) => response,
             Err(refusal) => {
                 if matches!(refusal, Refusal::VerifierUnavailable(_) | Refusal::Proxy(_)) {
-                    tracing::warn!(error = %refusal, detail = ?refusal, "request failed");
+                    tracing::warn!(error = %refusal, detail = ?refusal, request_id = outcomes.request_id.to_str().unwrap_or("-"), "request failed");
                 }
+                outcomes.audit_refusal(&refusal, peer.addr.ip(), &method);
                 refusal.into_response()
             }
         };
@@ -421,6 +517,7 @@ impl Gateway {
             let elapsed = started.map(|t| t.elapsed()).unwrap_or_default();
             tracing::info!(
                 target: "access",
+                request_id = outcomes.request_id.to_str().unwrap_or("-"),
                 peer = %peer.addr.ip(),
                 method = %method,
                 path = path.as_deref().unwrap_or(""),
@@ -434,11 +531,11 @@ impl Gateway {
         response
     }
 
-    async fn pass(
-        &self,
+    async fn pass<'g>(
+        &'g self,
         mut request: Request<Incoming>,
         peer: &Peer,
-        outcomes: &mut Outcomes,
+        outcomes: &mut Outcomes<'g>,
     ) -> Result<Response<Body>, Refusal> {
         // TRACE would echo the caller's credentials back through any
         // upstream that answers it.
@@ -472,7 +569,9 @@ impl Gateway {
         let route = self
             .routes
             .lookup(request.method(), host.as_deref(), &path.decoded);
+        outcomes.route = Some(&route.prefix);
         let credential = Credential::from_headers(request.headers(), &self.session_cookie)?;
+        outcomes.credential = credential.as_ref().map(Credential::kind);
         let requested_org = org::requested(request.headers(), target.query())?;
         let upstream_path = route.upstream_path(&path.encoded);
         let call = ManagementCall::recognise(request.method(), &upstream_path);
@@ -641,13 +740,14 @@ impl Gateway {
             if response.status().is_success() || response.status().is_redirection() {
                 // Boxed: the rare revoking call should not make every
                 // request's future (moved on each request) larger.
+                let request = (&outcomes.request_id, client, response.status());
                 Box::pin(self.revoke_after(
                     call,
                     &upstream_path,
                     caller,
                     cache_key,
                     credential.as_ref(),
-                    client,
+                    request,
                 ))
                 .await;
             }
@@ -812,7 +912,7 @@ impl Gateway {
         mut caller: Option<Arc<Identity>>,
         cache_key: Option<CacheKey>,
         credential: Option<&Credential>,
-        client: IpAddr,
+        (request_id, client, status): (&HeaderValue, IpAddr, StatusCode),
     ) {
         if caller.is_none() && call.needs_caller() {
             // The look-up before forwarding failed (Grafana was briefly
@@ -839,15 +939,23 @@ impl Gateway {
             }
             self.metrics.revocations.fetch_add(1, Ordering::Relaxed);
         }
-        if !evictions.is_empty() {
-            self.cache.invalidate(&evictions).await;
-            tracing::info!(
-                ?call,
-                ?revocations,
-                path,
-                "invalidated cached credentials after a management call"
-            );
-        }
+        let dropped = if evictions.is_empty() {
+            0
+        } else {
+            self.cache.invalidate(&evictions).await
+        };
+        tracing::info!(
+            target: "audit",
+            event = "revocation",
+            request_id = request_id.to_str().unwrap_or("-"),
+            client = %client,
+            caller = caller.as_deref().map(Identity::login),
+            call = ?call,
+            path,
+            status = status.as_u16(),
+            revoked = ?revocations,
+            dropped_here = dropped,
+        );
     }
 
     pub fn profile(&self) -> Profile {

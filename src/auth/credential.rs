@@ -73,6 +73,17 @@ pub enum CredentialKind {
     Session,
 }
 
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Password => "password",
+            CredentialKind::ApiKey => "api_key",
+            CredentialKind::ServiceToken => "service_token",
+            CredentialKind::Session => "session",
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub enum Credential {
     /// `Basic user:password`.

@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway on 127.0.0.1:0, real TLS clients, a real
 //! upstream, the Grafana stand-in and (for fleets) real Redis servers.
 
+mod audit;
 mod auth;
 mod browser;
 mod config;
