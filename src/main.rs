@@ -147,7 +147,12 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A failed write would otherwise be reported with eprintln!, which
+        // panics when stderr is a closed pipe (a log collector gone): every
+        // later log line, the access log included, would then take its
+        // thread down. Lines that cannot be written are dropped.
+        .log_internal_errors(false);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod browser;
 mod config;
+mod deploy;
 mod desync;
 mod fleet;
 mod foundation;
