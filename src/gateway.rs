@@ -721,8 +721,14 @@ impl Gateway {
             };
             self.shield.settle(admission, checked).await;
         }
-        let response = forwarded?;
+        let mut response = forwarded?;
         outcomes.upstream_time = forward_started.map(|t| t.elapsed());
+        if self.profile == Profile::Pmm && route.grafana {
+            // PMM's Grafana sets its cookies on its sub path; PMM's front
+            // door hands them to the whole site, or the session would never
+            // reach `/v1`.
+            widen_cookie_paths(response.headers_mut(), "/graph");
+        }
         if response.status() == StatusCode::UNAUTHORIZED
             && route.grafana
             && matches!(outcomes.source, Some(Source::Local | Source::Shared))
@@ -960,6 +966,42 @@ impl Gateway {
 
     pub fn profile(&self) -> Profile {
         self.profile
+    }
+}
+
+/// Rewrites `Path=<sub_path>` in every `Set-Cookie` to `Path=/` (what PMM's
+/// nginx does with `proxy_cookie_path`).
+fn widen_cookie_paths(headers: &mut HeaderMap, sub_path: &str) {
+    if !headers.contains_key(header::SET_COOKIE) {
+        return;
+    }
+    let cookies: Vec<HeaderValue> = headers.get_all(header::SET_COOKIE).iter().cloned().collect();
+    headers.remove(header::SET_COOKIE);
+    for cookie in cookies {
+        let rewritten = cookie.to_str().ok().and_then(|text| {
+            let mut changed = false;
+            let parts: Vec<String> = text
+                .split(';')
+                .enumerate()
+                .map(|(i, part)| {
+                    // The first part is the cookie itself, whatever its name.
+                    match part.trim().split_once('=').filter(|_| i > 0) {
+                        Some((name, value))
+                            if name.trim().eq_ignore_ascii_case("path")
+                                && value.trim().trim_end_matches('/') == sub_path =>
+                        {
+                            changed = true;
+                            " Path=/".to_owned()
+                        }
+                        _ => part.to_owned(),
+                    }
+                })
+                .collect();
+            changed
+                .then(|| HeaderValue::from_str(&parts.join(";")).ok())
+                .flatten()
+        });
+        headers.append(header::SET_COOKIE, rewritten.unwrap_or(cookie));
     }
 }
 

@@ -277,3 +277,45 @@ async fn a_request_is_judged_with_the_callers_role_in_the_org_it_selects() {
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["message"], "Permission denied");
 }
+
+#[tokio::test]
+async fn a_pmm_session_from_the_graph_login_reaches_v1() {
+    let stub = GrafanaStub::start(Flavor::Pmm).await;
+    let (mut config, dir) = support::config(&stub.url());
+    config.auth.profile = Profile::Pmm;
+    config.auth.session_cookie = stub.session_cookie_name();
+    let gw = support::start(config, dir).await;
+    // A browser: a cookie jar that honours Path.
+    let browser = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = browser
+        .post(format!("{}/graph/login", gw.url))
+        .json(&serde_json::json!({"user": "admin", "password": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let paths: Vec<String> = login
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .all(|c| c.contains("Path=/") && !c.contains("Path=/graph")),
+        "{paths:?}"
+    );
+    let version = browser
+        .get(format!("{}/v1/version", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(version.status(), 200, "the pmm_session cookie reached /v1");
+}
