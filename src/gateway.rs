@@ -129,6 +129,9 @@ impl Refusal {
                 "Bad gateway: upstream sent an invalid response".into()
             }
             Refusal::Proxy(ProxyError::Timeout) => "Gateway timeout: upstream did not answer in time".into(),
+            Refusal::Proxy(ProxyError::ClientBody) => {
+                "Bad request: the request body broke off or was malformed".into()
+            }
             Refusal::Internal(_) => "Internal error".into(),
             Refusal::Login { .. } => "Login required".into(),
         }
@@ -505,7 +508,13 @@ impl Gateway {
         let response = match self.pass(request, peer, &mut outcomes).await {
             Ok(response) => response,
             Err(refusal) => {
-                if matches!(refusal, Refusal::VerifierUnavailable(_) | Refusal::Proxy(_)) {
+                if matches!(
+                    refusal,
+                    Refusal::VerifierUnavailable(_)
+                        | Refusal::Proxy(
+                            ProxyError::Unreachable(_) | ProxyError::InvalidResponse(_) | ProxyError::Timeout
+                        )
+                ) {
                     tracing::warn!(error = %refusal, detail = ?refusal, request_id = outcomes.request_id.to_str().unwrap_or("-"), "request failed");
                 }
                 outcomes.audit_refusal(&refusal, peer.addr.ip(), &method);

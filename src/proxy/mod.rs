@@ -5,6 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,6 +50,8 @@ impl Body {
 pub enum RequestBody {
     Streamed(Incoming),
     Read(Full<Bytes>),
+    /// Streamed, noting in the flag when the client's side fails.
+    Watched(Incoming, Arc<AtomicBool>),
 }
 
 impl http_body::Body for RequestBody {
@@ -62,19 +66,26 @@ impl http_body::Body for RequestBody {
         match self.get_mut() {
             RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Read(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            RequestBody::Watched(b, failed) => {
+                let frame = Pin::new(b).poll_frame(cx);
+                if matches!(frame, Poll::Ready(Some(Err(_)))) {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                frame
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Streamed(b) => b.is_end_stream(),
+            RequestBody::Streamed(b) | RequestBody::Watched(b, _) => b.is_end_stream(),
             RequestBody::Read(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Streamed(b) => b.size_hint(),
+            RequestBody::Streamed(b) | RequestBody::Watched(b, _) => b.size_hint(),
             RequestBody::Read(b) => b.size_hint(),
         }
     }
@@ -121,6 +132,10 @@ pub enum ProxyError {
     InvalidResponse(String),
     #[error("upstream did not answer in time")]
     Timeout,
+    /// The client's own request body broke off or was malformed while it
+    /// was being forwarded: the client's fault, not the upstream's.
+    #[error("request body from the client broke off or was malformed")]
+    ClientBody,
 }
 
 impl ProxyError {
@@ -128,6 +143,7 @@ impl ProxyError {
         match self {
             ProxyError::Unreachable(_) | ProxyError::InvalidResponse(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -363,27 +379,38 @@ impl Forwarder {
     ) -> Result<Response<Body>, ProxyError> {
         let upgrading = client_upgrade.is_some();
         *request.version_mut() = Version::HTTP_11;
-        let mut response =
-            match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-                Err(_) => return Err(ProxyError::Timeout),
-                Ok(Err(e)) => {
-                    let chain = error_chain(&e);
-                    return Err(
-                        if ["timed out", "timeout", "deadline has elapsed"]
-                            .iter()
-                            .any(|t| chain.contains(t))
-                        {
-                            ProxyError::Timeout
-                        } else if is_parse_error(&e) {
-                            // As the direct exchange says of what it cannot parse.
-                            ProxyError::InvalidResponse(chain)
-                        } else {
-                            ProxyError::Unreachable(chain)
-                        },
-                    );
-                }
-                Ok(Ok(response)) => response,
-            };
+        // A body still to come is watched: if it fails, the client is told
+        // so (400), not that the upstream is unreachable.
+        let client_body_failed = Arc::new(AtomicBool::new(false));
+        let request = request.map(|body| match body {
+            RequestBody::Streamed(b) if !http_body::Body::is_end_stream(&b) => {
+                RequestBody::Watched(b, client_body_failed.clone())
+            }
+            other => other,
+        });
+        let mut response = match tokio::time::timeout(self.response_timeout, self.client.request(request))
+            .await
+        {
+            Err(_) => return Err(ProxyError::Timeout),
+            Ok(Err(_)) if client_body_failed.load(Ordering::Relaxed) => return Err(ProxyError::ClientBody),
+            Ok(Err(e)) => {
+                let chain = error_chain(&e);
+                return Err(
+                    if ["timed out", "timeout", "deadline has elapsed"]
+                        .iter()
+                        .any(|t| chain.contains(t))
+                    {
+                        ProxyError::Timeout
+                    } else if is_parse_error(&e) {
+                        // As the direct exchange says of what it cannot parse.
+                        ProxyError::InvalidResponse(chain)
+                    } else {
+                        ProxyError::Unreachable(chain)
+                    },
+                );
+            }
+            Ok(Ok(response)) => response,
+        };
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && !upgrading {
             // hyper hands it over as an upgrade; no request here asked for one.

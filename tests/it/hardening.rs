@@ -131,3 +131,38 @@ async fn an_http2_connection_kept_alive_by_pings_is_closed_when_idle() {
     );
     println!("closed after {:?} of PINGs", started.elapsed());
 }
+
+#[tokio::test]
+async fn a_malformed_chunked_body_from_the_client_is_its_own_fault() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    let gw = start(&stub).await;
+    // Warm the credential, so that the body is what fails.
+    assert_eq!(
+        client()
+            .get(format!("{}/api/org", gw.url))
+            .basic_auth("admin", Some("admin"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let request = "POST /api/dashboards/db HTTP/1.1\r\n\
+                   Host: localhost\r\n\
+                   Authorization: Basic YWRtaW46YWRtaW4=\r\n\
+                   Content-Type: application/json\r\n\
+                   Transfer-Encoding: chunked\r\n\
+                   Connection: close\r\n\r\n\
+                   4\r\n{\"a\"\r\nzz-not-hex\r\n0\r\n\r\n";
+    let response = raw::exchange(gw.running().addr, request).await;
+    assert_eq!(
+        response.status,
+        400,
+        "{:?}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert!(response.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("request body"));
+}
