@@ -274,7 +274,7 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
     readiness
         .listening
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(%addr, %admin_addr, upstream = %config.upstream.url, "portcullis listening");
+    tracing::info!(%addr, %admin_addr, upstream = %values::redact_url(&config.upstream.url), "portcullis listening");
 
     Ok(Running {
         addr,

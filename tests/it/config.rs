@@ -95,6 +95,11 @@ async fn check_refuses_what_the_start_refuses() {
             "PORTCULLIS_CACHE_KEY",
         ),
         (
+            "an [auth.proxy] shared secret file that is not there",
+            format!("[identity]\nshared_secret_file = \"{d}/absent-secret\"\n"),
+            "identity.shared_secret_file",
+        ),
+        (
             "an upstream CA bundle that is not there",
             format!("[upstream]\nurl = \"https://127.0.0.1:9\"\nca_file = \"{d}/absent-ca.pem\"\n"),
             "upstream.ca_file",
