@@ -3,7 +3,9 @@
 //! session cookie — with Grafana's answers when they fail. PBKDF2 runs on the
 //! blocking pool and never under the store lock.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{AUTHORIZATION, COOKIE};
@@ -11,8 +13,8 @@ use http::{HeaderMap, StatusCode};
 use serde_json::{json, Value};
 
 use crate::credentials::{self, LegacyKey, SaToken, GRAFANA_PREFIX};
-use crate::store::{LookupError, Role, Session, ORG_ID};
-use crate::Shared;
+use crate::store::{LookupError, Role, Session};
+use crate::{AuthClient, Shared};
 
 /// The identity behind a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +38,8 @@ pub struct Caller {
     pub org_id: i64,
     pub org_role: Role,
     pub grafana_admin: bool,
+    /// The client that signed the request in.
+    pub via: AuthClient,
 }
 
 impl Caller {
@@ -210,7 +214,7 @@ pub async fn authenticate(
             // Grafana tries the Basic client too (and so counts the failure
             // against the username — even `api_key` or `service_token`).
             match check_password(shared, &user, &password).await {
-                Ok(user_id) => return Ok(Some(user_caller(shared, user_id, None, org)?)),
+                Ok(user_id) => return Ok(Some(user_caller(shared, user_id, None, org, AuthClient::Basic)?)),
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -218,9 +222,12 @@ pub async fn authenticate(
         }
     }
 
-    if shared.settings.auth_proxy && peer.ip().is_loopback() {
-        if let Some(caller) = auth_proxy(shared, headers, org) {
-            return Ok(Some(caller));
+    if shared.settings.auth_proxy && auth_proxy_applies(shared, headers) {
+        match auth_proxy(shared, headers, peer, org) {
+            Ok(caller) => return Ok(Some(caller)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
     }
 
@@ -255,7 +262,13 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 /// A user's identity in the requested org (0: its current org), as
 /// Grafana's `GetSignedInUser` resolves it: a member gets its role there; a
 /// non-member is still signed in, with org `-1` and no role.
-fn user_caller(shared: &Shared, user_id: i64, session: Option<i64>, org: i64) -> Result<Caller, ApiError> {
+fn user_caller(
+    shared: &Shared,
+    user_id: i64,
+    session: Option<i64>,
+    org: i64,
+    via: AuthClient,
+) -> Result<Caller, ApiError> {
     let store = shared.store();
     let user = store.users.get(&user_id).ok_or_else(ApiError::unauthorized)?;
     let org_id = if org > 0 { org } else { user.org_id };
@@ -268,6 +281,7 @@ fn user_caller(shared: &Shared, user_id: i64, session: Option<i64>, org: i64) ->
         org_id,
         org_role,
         grafana_admin: user.grafana_admin,
+        via,
     })
 }
 
@@ -281,6 +295,7 @@ async fn api_key(shared: &Arc<Shared>, token: &str, org: i64) -> Result<Caller, 
     let key_id = if token.starts_with(GRAFANA_PREFIX) {
         // A bad shape or checksum is refused before any lookup.
         let decoded = SaToken::decode(token).ok_or_else(ApiError::invalid_api_key)?;
+        shared.key_hashes.fetch_add(1, Ordering::SeqCst);
         let hash = blocking(move || decoded.hash()).await;
         let store = shared.store();
         store
@@ -296,6 +311,7 @@ async fn api_key(shared: &Arc<Shared>, token: &str, org: i64) -> Result<Caller, 
                 .ok_or_else(ApiError::invalid_api_key)?;
             (key.id, key.hash.clone())
         };
+        shared.key_hashes.fetch_add(1, Ordering::SeqCst);
         let hash = blocking(move || decoded.hash()).await;
         if !credentials::constant_time_eq(&hash, &stored) {
             return Err(ApiError::invalid_api_key());
@@ -332,6 +348,7 @@ async fn api_key(shared: &Arc<Shared>, token: &str, org: i64) -> Result<Caller, 
             org_id: org,
             org_role: role,
             grafana_admin: false,
+            via: AuthClient::ApiKey,
         }),
         Some(sa_id) => {
             let sa = store
@@ -346,6 +363,7 @@ async fn api_key(shared: &Arc<Shared>, token: &str, org: i64) -> Result<Caller, 
                 org_id: org,
                 org_role: sa.role,
                 grafana_admin: false,
+                via: AuthClient::ApiKey,
             })
         }
     }
@@ -406,6 +424,7 @@ pub async fn check_password(shared: &Arc<Shared>, login: &str, password: &str) -
         Candidate::Unknown => Err(ApiError::password_failed()),
         Candidate::Found { id, salt, stored } => {
             let password = password.to_owned();
+            shared.password_hashes.fetch_add(1, Ordering::SeqCst);
             let hash = blocking(move || credentials::encode_password(&password, &salt)).await;
             conclude(shared, login, id, credentials::constant_time_eq(&hash, &stored))
         }
@@ -439,6 +458,7 @@ pub async fn verify_user_password(shared: &Arc<Shared>, user_id: i64, password: 
         return false;
     };
     let password = password.to_owned();
+    shared.password_hashes.fetch_add(1, Ordering::SeqCst);
     let hash = blocking(move || credentials::encode_password(&password, &salt)).await;
     credentials::constant_time_eq(&hash, &stored)
 }
@@ -487,7 +507,13 @@ fn session(shared: &Shared, token: &str, org: i64) -> Result<Caller, ApiError> {
     if session.needs_rotation(shared.now(), shared.settings.rotation_interval_secs) {
         return Err(ApiError::session_needs_rotation());
     }
-    user_caller(shared, session.user_id, Some(session.id), org)
+    user_caller(
+        shared,
+        session.user_id,
+        Some(session.id),
+        org,
+        AuthClient::Session,
+    )
 }
 
 // ---- auth proxy --------------------------------------------------------------
@@ -500,46 +526,293 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// `[auth.proxy]` with `auto_sign_up`: the proxy names the user and its
-/// role. A role header is synced into the main org (`auto_assign_org_id`)
-/// and, as Grafana's org sync does, removes the user from every other org.
-fn auth_proxy(shared: &Shared, headers: &HeaderMap, org: i64) -> Option<Caller> {
-    let login = header(headers, "x-webauth-user")?;
-    let role = header(headers, "x-webauth-role").and_then(Role::parse);
-    let now = shared.now();
-    let mut store = shared.store();
-    let id = match store.user_by_login(login).map(|u| u.id) {
-        Some(id) => id,
-        None => {
-            let email = header(headers, "x-webauth-email").unwrap_or(login);
-            let name = header(headers, "x-webauth-name").unwrap_or(login);
-            // Proxy users have no usable password.
-            let salt = credentials::random_alphanumeric(10);
-            store
-                .insert_user(
-                    login,
-                    email,
-                    name,
-                    salt,
-                    String::new(),
-                    role.unwrap_or(Role::Viewer),
-                    false,
-                    now,
-                )
-                .ok()?
+const USER_HEADER: &str = "x-webauth-user";
+const NAME_HEADER: &str = "x-webauth-name";
+const EMAIL_HEADER: &str = "x-webauth-email";
+const ROLE_HEADER: &str = "x-webauth-role";
+/// Grafana's `shared_secret_header` default.
+const SECRET_HEADER: &str = "x-webauth-secret";
+
+/// The proxy client's `Test` (`pkg/services/authn/clients/proxy.go`): the
+/// user header is there and, when a shared secret is configured, the
+/// secret header carries it. A request that fails it is not an auth-proxy
+/// request: the next client (the session cookie) is tried, with no error.
+fn auth_proxy_applies(shared: &Shared, headers: &HeaderMap) -> bool {
+    if header(headers, USER_HEADER).is_none() {
+        return false;
+    }
+    match &shared.settings.auth_proxy_shared_secret {
+        None => true,
+        Some(secret) => headers
+            .get(SECRET_HEADER)
+            .is_some_and(|v| credentials::constant_time_eq(&String::from_utf8_lossy(v.as_bytes()), secret)),
+    }
+}
+
+/// The `sync_ttl` cache of the auth proxy (Grafana's remote cache under
+/// `auth-proxy-sync-ttl:…`): the header values' key → (user id, expiry in
+/// Unix seconds), and per username the key cached last, so that a change
+/// of any header value drops the previous entry (`Proxy.Hook`).
+#[derive(Debug, Default)]
+pub struct ProxyCache {
+    by_key: HashMap<String, (i64, i64)>,
+    by_username: HashMap<String, String>,
+}
+
+impl ProxyCache {
+    fn get(&self, key: &str, now: i64) -> Option<i64> {
+        self.by_key
+            .get(key)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(id, _)| *id)
+    }
+
+    fn set(&mut self, username: &str, key: String, user_id: i64, expires: i64) {
+        if let Some(previous) = self.by_username.insert(username.to_owned(), key.clone()) {
+            self.by_key.remove(&previous);
         }
+        self.by_key.insert(key, (user_id, expires));
+    }
+}
+
+fn user_sync_internal() -> ApiError {
+    ApiError::authn(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "user.sync.internal",
+        "User sync failed",
+    )
+}
+
+/// Grafana's auth proxy client, its post-auth hooks and its cache hook, as
+/// one request meets them (`clients/proxy.go`, `clients/grafana.go`
+/// `AuthenticateProxy`, `sync/user_sync.go`, `sync/org_sync.go`):
+///
+/// 1. Only from the whitelist (loopback here): else `auth-proxy.invalid-ip`.
+/// 2. A cache hit (same header values within `sync_ttl`) loads the user
+///    by id and syncs nothing.
+/// 3. Otherwise the identity is looked up — by email (the email header, or
+///    the username when it is an address), then by login or email — among
+///    users only: service accounts never match. Found, its login, email
+///    and name are updated from the headers; not found, it is signed up
+///    (`auto_sign_up`) as an ordinary user, and a login or email already
+///    taken — by a service account, say — fails with `500
+///    user.sync.internal`.
+/// 4. With the role header mapped and valid, org sync: that role in
+///    `auto_assign_org_id`, every other membership removed.
+/// 5. A disabled user fails with `identity.disabled`; a signed-in one is
+///    cached for `sync_ttl`.
+fn auth_proxy(shared: &Shared, headers: &HeaderMap, peer: SocketAddr, org: i64) -> Result<Caller, ApiError> {
+    if !peer.ip().is_loopback() {
+        return Err(ApiError::authn(
+            StatusCode::UNAUTHORIZED,
+            "auth-proxy.invalid-ip",
+            "Unauthorized",
+        ));
+    }
+    let settings = &shared.settings;
+    let username = header(headers, USER_HEADER).unwrap_or_default();
+    let name = header(headers, NAME_HEADER);
+    let email_header = header(headers, EMAIL_HEADER);
+    let role_header = header(headers, ROLE_HEADER).filter(|_| settings.auth_proxy_role_sync);
+    // `getProxyCacheKey`: the username and the mapped headers' values, in
+    // Grafana's field order (Name, Email, Login, Role, Groups).
+    let cache_key: String = [Some(username), name, email_header, role_header]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("\u{0}");
+    let now = shared.now();
+
+    let cached = shared.proxy_cache().get(&cache_key, now);
+    if let Some(id) = cached {
+        if shared.store().users.contains_key(&id) {
+            return signed_in_proxy_user(shared, id, org);
+        }
+        // The user is gone: the normal flow, as Grafana does.
+    }
+
+    // `AuthenticateProxy` with `header_property = username`.
+    let login = username.to_owned();
+    let email = email_header
+        .map(str::to_owned)
+        .or_else(|| username.contains('@').then(|| username.to_owned()))
+        .unwrap_or_default();
+    let name = name.unwrap_or_default().to_owned();
+    let role = role_header.and_then(Role::parse);
+    let assign_org = settings.auto_assign_org_id;
+
+    let id = {
+        let mut store = shared.store();
+        // `lookupByOneOf`: email, then login (`GetByLogin`: login or email);
+        // the `user` rows of service accounts are filtered out.
+        let found = (!email.is_empty())
+            .then(|| {
+                store
+                    .users
+                    .values()
+                    .find(|u| u.email.eq_ignore_ascii_case(&email))
+                    .map(|u| u.id)
+            })
+            .flatten()
+            .or_else(|| store.user_by_login_or_email(&login).map(|u| u.id));
+        let id = match found {
+            Some(id) => {
+                update_user_attributes(&mut store, id, &login, &email, &name, now)?;
+                id
+            }
+            None if !settings.auth_proxy_auto_sign_up => {
+                return Err(ApiError::authn(
+                    StatusCode::UNAUTHORIZED,
+                    "user.sync.signup-disabled",
+                    "Sign up is disabled",
+                ))
+            }
+            None => {
+                // Proxy users have no usable password.
+                let salt = credentials::random_alphanumeric(10);
+                let id = store
+                    .insert_user(
+                        &login,
+                        &email,
+                        &name,
+                        salt,
+                        String::new(),
+                        Role::Viewer,
+                        false,
+                        now,
+                    )
+                    .map_err(|_| user_sync_internal())?;
+                // `SkipOrgSetup` when a role comes with the identity (the org
+                // sync adds it); else the `auto_assign_org_id` org as Viewer.
+                if let Some(user) = store.users.get_mut(&id) {
+                    user.orgs.clear();
+                    if role.is_none() {
+                        user.orgs.insert(assign_org, Role::Viewer);
+                    }
+                    user.org_id = assign_org;
+                }
+                id
+            }
+        };
+        if let Some(role) = role {
+            sync_org_roles(&mut store, id, assign_org, role);
+        }
+        id
     };
-    let user = store.users.get_mut(&id)?;
-    if user.disabled {
-        return None;
+
+    let caller = signed_in_proxy_user(shared, id, org)?;
+    shared.proxy_cache().set(
+        username,
+        cache_key,
+        id,
+        now.saturating_add(settings.auth_proxy_sync_ttl_secs),
+    );
+    Ok(caller)
+}
+
+/// `FetchSyncedUser` and the service's disabled check.
+fn signed_in_proxy_user(shared: &Shared, id: i64, org: i64) -> Result<Caller, ApiError> {
+    let disabled = shared.store().users.get(&id).map(|u| u.disabled);
+    match disabled {
+        None => Err(ApiError::authn(
+            StatusCode::UNAUTHORIZED,
+            "user.sync.fetch-not-found",
+            "User not found",
+        )),
+        Some(true) => Err(ApiError::authn(
+            StatusCode::UNAUTHORIZED,
+            "identity.disabled",
+            "Unauthorized",
+        )),
+        Some(false) => user_caller(shared, id, None, org, AuthClient::AuthProxy),
     }
-    if let Some(role) = role {
-        user.orgs.clear();
-        user.orgs.insert(ORG_ID, role);
-        user.org_id = ORG_ID;
+}
+
+/// `UserSync.updateUserAttributes`: the login, email and name the proxy
+/// sent replace the stored ones (a value another row holds fails the
+/// update, as the unique indexes do).
+fn update_user_attributes(
+    store: &mut crate::store::Store,
+    id: i64,
+    login: &str,
+    email: &str,
+    name: &str,
+    now: i64,
+) -> Result<(), ApiError> {
+    let taken = |store: &crate::store::Store, value: &str, is_login: bool| {
+        store.users.values().any(|u| {
+            u.id != id
+                && if is_login {
+                    u.login.eq_ignore_ascii_case(value)
+                } else {
+                    u.email.eq_ignore_ascii_case(value)
+                }
+        }) || (is_login
+            && store
+                .service_accounts
+                .values()
+                .any(|s| s.login.eq_ignore_ascii_case(value)))
+    };
+    let Some(user) = store.users.get(&id) else {
+        return Err(user_sync_internal());
+    };
+    let new_login = (!login.is_empty() && login != user.login).then(|| login.to_owned());
+    let new_email = (!email.is_empty() && email != user.email).then(|| email.to_owned());
+    let new_name = (!name.is_empty() && name != user.name).then(|| name.to_owned());
+    if new_login.as_deref().is_some_and(|l| taken(store, l, true))
+        || new_email.as_deref().is_some_and(|e| taken(store, e, false))
+    {
+        return Err(user_sync_internal());
     }
-    drop(store);
-    user_caller(shared, id, None, org).ok()
+    if let Some(user) = store.users.get_mut(&id) {
+        let changed = new_login.is_some() || new_email.is_some() || new_name.is_some();
+        if let Some(l) = new_login {
+            user.login = l;
+        }
+        if let Some(e) = new_email {
+            user.email = e;
+        }
+        if let Some(n) = new_name {
+            user.name = n;
+        }
+        if changed {
+            user.updated = now;
+        }
+    }
+    Ok(())
+}
+
+/// `OrgSync.SyncOrgRolesHook` with the one org role the proxy header
+/// gives (`getRoles`: `auto_assign_org_id` → role): the role set there,
+/// the user added there if needed, **removed from every other org** (but
+/// an org whose last admin the user is keeps it, `ErrLastOrgAdmin`), and
+/// the current org moved to `assign_org`.
+fn sync_org_roles(store: &mut crate::store::Store, id: i64, assign_org: i64, role: Role) {
+    let others: Vec<i64> = store
+        .users
+        .get(&id)
+        .map(|u| u.orgs.keys().copied().filter(|o| *o != assign_org).collect())
+        .unwrap_or_default();
+    if store.orgs.contains_key(&assign_org) {
+        if let Some(user) = store.users.get_mut(&id) {
+            user.orgs.insert(assign_org, role);
+        }
+    }
+    for org in others {
+        let last_admin = store.users.get(&id).and_then(|u| u.orgs.get(&org)) == Some(&Role::Admin)
+            && store.org_admin_count(org) == 1;
+        // Grafana leaves a user it removed from every org in none; the
+        // stand-in's store would delete it, so the last one stays.
+        let last_org = store.users.get(&id).is_some_and(|u| u.orgs.len() == 1);
+        if !last_admin && !last_org {
+            store.remove_org_member(org, id);
+        }
+    }
+    if let Some(user) = store.users.get_mut(&id) {
+        if user.orgs.contains_key(&assign_org) {
+            user.org_id = assign_org;
+        }
+    }
 }
 
 #[cfg(test)]

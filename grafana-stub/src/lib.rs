@@ -22,7 +22,7 @@ mod pages;
 mod server;
 mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
@@ -118,9 +118,47 @@ pub struct StubOptions {
     pub secret_key: String,
     /// Password of the seeded `admin` user.
     pub admin_password: String,
-    /// `[auth.proxy]`: trust `X-WEBAUTH-USER` / `-ROLE` / `-EMAIL` / `-NAME`,
-    /// only from a loopback peer (the whitelist).
+    /// `[auth.proxy] enabled`, with `header_name = X-WEBAUTH-USER`,
+    /// `header_property = username`, `headers = Email:X-WEBAUTH-EMAIL
+    /// Name:X-WEBAUTH-NAME` (plus `Role:X-WEBAUTH-ROLE` with
+    /// `auth_proxy_role_sync`) and `whitelist = 127.0.0.1, ::1` (a header
+    /// from any other peer fails with `auth-proxy.invalid-ip`). Grafana's
+    /// client order then applies (`pkg/services/authn/authnimpl`): API key /
+    /// token (30), Basic (40), **auth proxy (50)**, session cookie (60), each
+    /// failure falling through to the next — see `auth::authenticate`.
+    /// A proxy identity is always a user (`pkg/services/authn/clients/
+    /// grafana.go` `AuthenticateProxy`): looked up by email, then by login or
+    /// email, service accounts never matching; an unknown one is signed up
+    /// as a new ordinary user (`auth_proxy_auto_sign_up`), and a login or
+    /// email a service account or another user already holds fails with
+    /// `500 user.sync.internal`. In this mode every request is
+    /// authenticated, whatever its path, as Grafana's context handler does
+    /// (the echo paths too: a Basic header costs its PBKDF2 there as well).
     pub auth_proxy: bool,
+    /// `[auth.proxy] headers = … Role:X-WEBAUTH-ROLE`: a valid role in the
+    /// header is synced into `auto_assign_org_id` **and the user is removed
+    /// from every other org** (`sync/org_sync.go` `SyncOrgRolesHook`; an org
+    /// where the user is the last admin is kept, `ErrLastOrgAdmin`); the
+    /// user's current org becomes `auto_assign_org_id`. Off by default, as
+    /// in Grafana's `headers =` (and GRAFANA.md's recommended settings).
+    pub auth_proxy_role_sync: bool,
+    /// `[auth.proxy] shared_secret` (sent in `X-WEBAUTH-SECRET`, Grafana's
+    /// `shared_secret_header` default): when set, a request whose header is
+    /// missing or different is not an auth-proxy request at all (the proxy
+    /// client's `Test` is false) and falls through to the session cookie.
+    pub auth_proxy_shared_secret: Option<String>,
+    /// `[auth.proxy] sync_ttl` (default 15 minutes in Grafana 12): a proxy
+    /// identity is cached under its header values (user, name, email, role)
+    /// for this long; a cache hit loads the user by id and skips every sync
+    /// (no sign-up, no attribute or role sync). Follows `advance_clock`.
+    pub auth_proxy_sync_ttl: Duration,
+    /// `[auth.proxy] auto_sign_up` (default true): an unknown login becomes
+    /// a new user; off, it fails with `401 user.sync.signup-disabled`.
+    pub auth_proxy_auto_sign_up: bool,
+    /// `[users] auto_assign_org_id` (default 1): where a synced role goes
+    /// and where proxy users signed up without a role land (as Viewer,
+    /// `auto_assign_org_role`).
+    pub auto_assign_org_id: i64,
     /// Turn legacy API keys into service accounts, as PMM 3 does; `None`
     /// means "as the flavor does" (PMM only).
     pub migrate_api_keys: Option<bool>,
@@ -170,6 +208,11 @@ impl Default for StubOptions {
             secret_key: "SW2YcwTIb9zpOOhoPsMm".to_owned(),
             admin_password: "admin".to_owned(),
             auth_proxy: false,
+            auth_proxy_role_sync: false,
+            auth_proxy_shared_secret: None,
+            auth_proxy_sync_ttl: DEFAULT_AUTH_PROXY_SYNC_TTL,
+            auth_proxy_auto_sign_up: true,
+            auto_assign_org_id: ORG_ID,
             migrate_api_keys: None,
             rotation_interval: DEFAULT_ROTATION_INTERVAL,
             skip_rotation_if_recent: DEFAULT_SKIP_ROTATION_IF_RECENT,
@@ -182,6 +225,8 @@ impl Default for StubOptions {
 pub const DEFAULT_ROTATION_INTERVAL: Duration = Duration::from_secs(10 * 60);
 /// Grafana's `SkipRotationTime`.
 pub const DEFAULT_SKIP_ROTATION_IF_RECENT: Duration = Duration::from_secs(5);
+/// Grafana 12's `[auth.proxy] sync_ttl` default (`pkg/setting/setting_auth_proxy.go`).
+pub const DEFAULT_AUTH_PROXY_SYNC_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// Options with the flavor's defaults applied.
 #[derive(Debug, Clone)]
@@ -190,6 +235,11 @@ pub(crate) struct Settings {
     pub session_cookie: String,
     pub secret_key: String,
     pub auth_proxy: bool,
+    pub auth_proxy_role_sync: bool,
+    pub auth_proxy_shared_secret: Option<String>,
+    pub auth_proxy_sync_ttl_secs: i64,
+    pub auth_proxy_auto_sign_up: bool,
+    pub auto_assign_org_id: i64,
     pub migrate_api_keys: bool,
     pub rotation_interval_secs: i64,
     pub skip_rotation_secs: i64,
@@ -227,6 +277,14 @@ pub(crate) struct Shared {
     pub calls: Mutex<HashMap<String, u64>>,
     pub unavailable: AtomicBool,
     pub delay: Mutex<Option<Duration>>,
+    /// PBKDF2 runs while serving requests: password checks, and key /
+    /// token hashes.
+    pub password_hashes: AtomicU64,
+    pub key_hashes: AtomicU64,
+    /// The auth proxy's `sync_ttl` cache (Grafana's remote cache).
+    pub proxy_cache: Mutex<auth::ProxyCache>,
+    /// Requests seen, when recording (`GrafanaStub::record_requests`).
+    pub recorded: Mutex<Option<Vec<SeenRequest>>>,
 }
 
 impl Shared {
@@ -238,6 +296,85 @@ impl Shared {
 
     pub fn now(&self) -> i64 {
         self.clock.now()
+    }
+
+    pub fn proxy_cache(&self) -> MutexGuard<'_, auth::ProxyCache> {
+        self.proxy_cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn recording(&self) -> MutexGuard<'_, Option<Vec<SeenRequest>>> {
+        self.recorded.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Which of Grafana's authn clients signed a request in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthClient {
+    /// API key or service-account token (Bearer, or Basic `api_key:`).
+    ApiKey,
+    /// Basic with a user's password.
+    Basic,
+    /// `[auth.proxy]`: the identity headers.
+    AuthProxy,
+    /// The session cookie.
+    Session,
+}
+
+/// What Grafana made of a request's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authn {
+    /// Signed in by `client` as `login` (a user's or a service account's;
+    /// empty for a legacy key of no account).
+    SignedIn { client: AuthClient, login: String },
+    /// No client applied: no credential, no identity header.
+    Anonymous,
+    /// Every applicable client failed; the first failure's status and
+    /// `messageId` (or message).
+    Refused { status: u16, reason: String },
+}
+
+/// A request as the stand-in received it (`GrafanaStub::record_requests`).
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: String,
+    /// The path as received (sub path included).
+    pub path: String,
+    pub query: Option<String>,
+    /// Every header, names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// Who Grafana took the caller for, when the request was authenticated
+    /// (every request in auth-proxy mode; otherwise the API, the pages and
+    /// logout, as before).
+    pub authn: Option<Authn>,
+}
+
+impl SeenRequest {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether any `X-WEBAUTH-*` header came with the request.
+    pub fn has_identity_headers(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|(n, _)| n.to_ascii_lowercase().starts_with("x-webauth-"))
+    }
+
+    /// Whether the request carried a credential Grafana checks itself: an
+    /// `Authorization` header or the session cookie `cookie_name`.
+    pub fn has_credential(&self, cookie_name: &str) -> bool {
+        self.header("authorization").is_some()
+            || self
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+                .flat_map(|(_, v)| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .any(|(k, v)| k == cookie_name && !v.is_empty())
     }
 }
 
@@ -283,6 +420,12 @@ impl GrafanaStub {
                 .unwrap_or_else(|| options.flavor.default_session_cookie().to_owned()),
             secret_key: options.secret_key,
             auth_proxy: options.auth_proxy,
+            auth_proxy_role_sync: options.auth_proxy_role_sync,
+            auth_proxy_shared_secret: options.auth_proxy_shared_secret,
+            auth_proxy_sync_ttl_secs: i64::try_from(options.auth_proxy_sync_ttl.as_secs())
+                .unwrap_or(i64::MAX),
+            auth_proxy_auto_sign_up: options.auth_proxy_auto_sign_up,
+            auto_assign_org_id: options.auto_assign_org_id,
             migrate_api_keys: options.migrate_api_keys.unwrap_or(options.flavor == Flavor::Pmm),
             rotation_interval_secs: i64::try_from(options.rotation_interval.as_secs())
                 .unwrap_or(i64::MAX)
@@ -312,6 +455,10 @@ impl GrafanaStub {
             calls: Mutex::new(HashMap::new()),
             unavailable: AtomicBool::new(false),
             delay: Mutex::new(None),
+            password_hashes: AtomicU64::new(0),
+            key_hashes: AtomicU64::new(0),
+            proxy_cache: Mutex::new(auth::ProxyCache::default()),
+            recorded: Mutex::new(None),
         });
         let (shutdown, signal) = watch::channel(false);
         let task = tokio::spawn(server::run(listener, Arc::clone(&shared), signal));
@@ -487,6 +634,8 @@ impl GrafanaStub {
 
     pub fn reset_counters(&self) {
         self.shared.verifications.store(0, Ordering::SeqCst);
+        self.shared.password_hashes.store(0, Ordering::SeqCst);
+        self.shared.key_hashes.store(0, Ordering::SeqCst);
         self.shared
             .calls
             .lock()
@@ -515,6 +664,89 @@ impl GrafanaStub {
     pub fn failed_logins(&self, login: &str) -> usize {
         let now = self.shared.now();
         self.shared.store().failed_logins(login, now)
+    }
+
+    /// PBKDF2 runs for password checks while serving requests (Basic, the
+    /// login form, password changes and new passwords). Each costs Grafana
+    /// 10,000 iterations; a request the auth proxy signs in costs none.
+    pub fn password_hashes(&self) -> u64 {
+        self.shared.password_hashes.load(Ordering::SeqCst)
+    }
+
+    /// PBKDF2 runs for API keys and service-account tokens (one per
+    /// forwarded key or token that is well-formed enough to be hashed).
+    pub fn key_hashes(&self) -> u64 {
+        self.shared.key_hashes.load(Ordering::SeqCst)
+    }
+
+    /// Every PBKDF2 run while serving requests.
+    pub fn pbkdf2_hashes(&self) -> u64 {
+        self.password_hashes() + self.key_hashes()
+    }
+
+    /// Starts (`true`, clearing what was recorded) or stops keeping every
+    /// request received (`recorded_requests`). Off by default: a stand-in
+    /// under load would otherwise grow without bound.
+    pub fn record_requests(&self, on: bool) {
+        *self.shared.recording() = on.then(Vec::new);
+    }
+
+    /// The requests received since recording started, oldest first.
+    pub fn recorded_requests(&self) -> Vec<SeenRequest> {
+        self.shared.recording().clone().unwrap_or_default()
+    }
+
+    /// Number of users (service accounts not counted).
+    pub fn user_count(&self) -> usize {
+        self.shared.store().users.len()
+    }
+
+    /// The id of the user whose login is `login` (any case), if any.
+    pub fn user_by_login(&self, login: &str) -> Option<i64> {
+        self.shared.store().user_by_login(login).map(|u| u.id)
+    }
+
+    /// The user's org memberships: org id → role ("Viewer", …). Empty for
+    /// no such user.
+    pub fn user_orgs(&self, user_id: i64) -> BTreeMap<i64, String> {
+        self.shared
+            .store()
+            .users
+            .get(&user_id)
+            .map(|u| {
+                u.orgs
+                    .iter()
+                    .map(|(org, role)| (*org, role.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The user's current org (`user.org_id`), if the user exists.
+    pub fn user_current_org(&self, user_id: i64) -> Option<i64> {
+        self.shared.store().users.get(&user_id).map(|u| u.org_id)
+    }
+
+    /// Deletes a user directly in Grafana (as `DELETE /api/admin/users/:id`
+    /// would, without going through any proxy): sessions go with it.
+    pub fn delete_user(&self, user_id: i64) -> bool {
+        self.shared.store().delete_user(user_id)
+    }
+
+    /// Deletes a key or token directly in Grafana (the row goes: "Invalid
+    /// API key" afterwards).
+    pub fn delete_key(&self, key_id: i64) -> bool {
+        self.shared.store().keys.remove(&key_id).is_some()
+    }
+
+    /// Number of session tokens Grafana holds for the user.
+    pub fn session_count(&self, user_id: i64) -> usize {
+        self.shared
+            .store()
+            .sessions
+            .values()
+            .filter(|s| s.user_id == user_id)
+            .count()
     }
 
     pub fn set_user_disabled(&self, user_id: i64, disabled: bool) -> bool {

@@ -918,6 +918,7 @@ async fn auth_proxy_trusts_loopback_headers() {
     let stub = GrafanaStub::start_with(StubOptions {
         flavor: Flavor::Grafana11,
         auth_proxy: true,
+        auth_proxy_role_sync: true,
         ..StubOptions::default()
     })
     .await;
@@ -939,6 +940,395 @@ async fn auth_proxy_trusts_loopback_headers() {
     )
     .await;
     assert_eq!(a.body[0]["role"], "Editor");
+}
+
+fn auth_proxy_stub(tweak: impl FnOnce(&mut StubOptions)) -> StubOptions {
+    let mut options = StubOptions {
+        flavor: Flavor::Grafana11,
+        auth_proxy: true,
+        ..StubOptions::default()
+    };
+    tweak(&mut options);
+    options
+}
+
+/// Grafana's client order (`authnimpl/service.go`): key/token 30, Basic 40,
+/// auth proxy 50, session 60; the first success wins, a failure falls
+/// through; the first failure is what the caller gets when none succeeds.
+#[tokio::test]
+async fn auth_proxy_client_order_with_fall_through() {
+    let stub = GrafanaStub::start_with(auth_proxy_stub(|_| {})).await;
+    stub.add_user("alice", "alice-pw-1", "Viewer", false);
+    stub.add_user("bob", "bob-pw-1", "Editor", false);
+    let sa = stub.add_service_account("robot", "Editor");
+    let (token_id, token) = stub.add_sa_token(sa, "t", None);
+    let session = stub.login("bob", "bob-pw-1").expect("login");
+    let bob_cookie = format!("grafana_session={session}");
+    stub.record_requests(true);
+
+    // A good credential wins over the proxy header, and is hashed.
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[
+            ("authorization", &basic("alice", "alice-pw-1")),
+            ("x-webauth-user", "bob"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("alice")));
+    assert_eq!(stub.password_hashes(), 1);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("authorization", &bearer(&token)), ("x-webauth-user", "bob")],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("sa-robot")));
+    assert_eq!(stub.key_hashes(), 1);
+
+    // A credential Grafana refuses: the proxy header signs the request in.
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[
+            ("authorization", &basic("alice", "wrong")),
+            ("x-webauth-user", "bob"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("bob")));
+    assert!(stub.revoke_key(token_id));
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("authorization", &bearer(&token)), ("x-webauth-user", "bob")],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("bob")));
+
+    // The proxy before the session: the cookie's user is not who is signed in,
+    // and the session is not the current one.
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user/auth-tokens",
+        &[("cookie", &bob_cookie), ("x-webauth-user", "alice")],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, serde_json::json!([]), "alice has no session");
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user/auth-tokens",
+        &[("cookie", &bob_cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(a.body[0]["isActive"], true);
+    // Logout authenticated by the proxy revokes nothing.
+    let bob = stub.user_by_login("bob").unwrap();
+    let a = call(
+        &stub,
+        "GET",
+        "/logout",
+        &[("cookie", &bob_cookie), ("x-webauth-user", "bob")],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 302);
+    assert_eq!(stub.session_count(bob), 1);
+    call(&stub, "GET", "/logout", &[("cookie", &bob_cookie)], None).await;
+    assert_eq!(stub.session_count(bob), 0);
+
+    // Every request is authenticated, the echo paths too (a Basic header
+    // costs its PBKDF2 wherever it goes).
+    let before = stub.password_hashes();
+    let a = call(
+        &stub,
+        "GET",
+        "/__stub/echo/x",
+        &[("authorization", &basic("alice", "alice-pw-1"))],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(stub.password_hashes(), before + 1);
+    let seen = stub.recorded_requests();
+    let last = seen.last().unwrap();
+    assert_eq!(last.path, "/__stub/echo/x");
+    assert_eq!(
+        last.authn,
+        Some(grafana_stub::Authn::SignedIn {
+            client: grafana_stub::AuthClient::Basic,
+            login: "alice".into()
+        })
+    );
+    assert!(seen
+        .iter()
+        .any(|s| s.has_identity_headers() && s.has_credential("grafana_session")));
+    // No sign-up: an unknown proxy user is refused; with a bad password
+    // beside it, the first failure (the password's) is what is answered.
+    let strict = GrafanaStub::start_with(auth_proxy_stub(|o| o.auth_proxy_auto_sign_up = false)).await;
+    let a = call(&strict, "GET", "/api/user", &[("x-webauth-user", "nobody")], None).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.body["messageId"], "user.sync.signup-disabled");
+    let a = call(
+        &strict,
+        "GET",
+        "/api/user",
+        &[
+            ("authorization", &basic("nobody", "x")),
+            ("x-webauth-user", "nobody"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert_eq!(
+        a.body["messageId"], "password-auth.failed",
+        "the first failure is reported"
+    );
+    assert_eq!(strict.user_count(), 1, "only admin");
+}
+
+/// `whitelist`: only the gateway's address (loopback) may send the header;
+/// from anywhere else it is an error (`auth-proxy.invalid-ip`), and a
+/// session cookie beside it still works.
+#[tokio::test]
+async fn auth_proxy_header_from_outside_the_whitelist() {
+    // The machine's own non-loopback address, if it has one.
+    let Some(outside) = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.254:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+    else {
+        eprintln!("no non-loopback address: whitelist test skipped");
+        return;
+    };
+    let stub = GrafanaStub::start_with(auth_proxy_stub(|o| {
+        o.listen = "0.0.0.0:0".parse().unwrap();
+    }))
+    .await;
+    let session = stub.login("admin", "admin").unwrap();
+    let get = |headers: Vec<(&'static str, String)>| {
+        let addr = std::net::SocketAddr::new(outside, stub.addr().port());
+        async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            let mut request = Request::builder().uri("/api/user").header("host", "stub");
+            for (k, v) in headers {
+                request = request.header(k, v);
+            }
+            let response = sender
+                .send_request(request.body(Full::new(Bytes::new())).unwrap())
+                .await
+                .expect("response");
+            let status = response.status().as_u16();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, body) = get(vec![("x-webauth-user", "admin".into())]).await;
+    assert_eq!(
+        (status, &body["messageId"]),
+        (401, &Value::from("auth-proxy.invalid-ip"))
+    );
+    let (status, body) = get(vec![
+        ("x-webauth-user", "mallory".into()),
+        ("cookie", format!("grafana_session={session}")),
+    ])
+    .await;
+    assert_eq!((status, &body["login"]), (200, &Value::from("admin")));
+    assert_eq!(stub.user_by_login("mallory"), None);
+}
+
+/// Proxy identities are users: a service account's login is never matched
+/// (`notServiceAccountFilter`); signing it up collides: 500.
+#[tokio::test]
+async fn auth_proxy_identities_are_users_only() {
+    let stub = GrafanaStub::start_with(auth_proxy_stub(|_| {})).await;
+    stub.add_service_account("robot", "Admin");
+    let users = stub.user_count();
+    let a = call(&stub, "GET", "/api/user", &[("x-webauth-user", "sa-robot")], None).await;
+    assert_eq!(a.status, 500, "{}", a.body);
+    assert_eq!(a.body["messageId"], "user.sync.internal");
+    assert_eq!(stub.user_count(), users);
+    // An unknown login: a new ordinary user, Viewer in the main org.
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[
+            ("x-webauth-user", "carol"),
+            ("x-webauth-email", "carol@corp.example"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, &a.body["email"]),
+        (200, &Value::from("carol@corp.example"))
+    );
+    let carol = stub.user_by_login("carol").expect("signed up");
+    assert_eq!(stub.user_count(), users + 1);
+    assert_eq!(
+        stub.user_orgs(carol),
+        std::collections::BTreeMap::from([(1, "Viewer".to_owned())])
+    );
+    // Without role sync a role header changes nothing.
+    call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("x-webauth-user", "carol"), ("x-webauth-role", "Admin")],
+        None,
+    )
+    .await;
+    assert_eq!(stub.user_orgs(carol)[&1], "Viewer");
+}
+
+/// `Role:` mapped: the role goes into org 1 and every other membership goes
+/// (`SyncOrgRolesHook`); without a role header nothing is synced.
+#[tokio::test]
+async fn auth_proxy_role_sync_removes_other_orgs() {
+    let stub = GrafanaStub::start_with(auth_proxy_stub(|o| o.auth_proxy_role_sync = true)).await;
+    let multi = stub.add_user("multi", "multi-pw-1", "Viewer", false);
+    let ops = stub.add_org("Ops");
+    stub.add_org_member(ops, multi, "Editor");
+    let keeper = stub.add_org("Keep");
+    stub.add_org_member(keeper, multi, "Admin");
+    let a = call(&stub, "GET", "/api/user", &[("x-webauth-user", "multi")], None).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(stub.user_orgs(multi).len(), 3, "no role header: no sync");
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("x-webauth-user", "multi"), ("x-webauth-role", "Editor")],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        stub.user_orgs(multi),
+        std::collections::BTreeMap::from([(1, "Editor".to_owned()), (keeper, "Admin".to_owned())]),
+        "removed from Ops; Keep keeps its last admin"
+    );
+    assert_eq!(stub.user_current_org(multi), Some(1));
+    // An invalid role syncs nothing.
+    stub.add_org_member(ops, multi, "Viewer");
+    call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("x-webauth-user", "multi"), ("x-webauth-role", "admin")],
+        None,
+    )
+    .await;
+    assert!(stub.user_orgs(multi).contains_key(&ops));
+}
+
+/// `sync_ttl`: the same header values within the TTL skip every sync.
+#[tokio::test]
+async fn auth_proxy_sync_ttl_cache() {
+    let stub = GrafanaStub::start_with(auth_proxy_stub(|o| {
+        o.auth_proxy_role_sync = true;
+        o.auth_proxy_sync_ttl = Duration::from_secs(60);
+    }))
+    .await;
+    let headers = [("x-webauth-user", "dave"), ("x-webauth-role", "Viewer")];
+    assert_eq!(call(&stub, "GET", "/api/user", &headers, None).await.status, 200);
+    let dave = stub.user_by_login("dave").unwrap();
+    let ops = stub.add_org("Ops");
+    stub.add_org_member(ops, dave, "Editor");
+    // Cached: the membership added meanwhile stays.
+    assert_eq!(call(&stub, "GET", "/api/user", &headers, None).await.status, 200);
+    assert!(stub.user_orgs(dave).contains_key(&ops));
+    // Past the TTL: synced again, Ops goes.
+    stub.advance_clock(Duration::from_secs(61));
+    assert_eq!(call(&stub, "GET", "/api/user", &headers, None).await.status, 200);
+    assert!(!stub.user_orgs(dave).contains_key(&ops));
+    // Another header value is another key: synced at once.
+    stub.add_org_member(ops, dave, "Editor");
+    let editor = [("x-webauth-user", "dave"), ("x-webauth-role", "Editor")];
+    assert_eq!(call(&stub, "GET", "/api/user", &editor, None).await.status, 200);
+    assert_eq!(stub.user_orgs(dave).len(), 1);
+    assert_eq!(stub.user_orgs(dave)[&1], "Editor");
+    // A user deleted meanwhile: the cache entry leads nowhere; signed up anew.
+    assert!(stub.delete_user(dave));
+    assert_eq!(call(&stub, "GET", "/api/user", &editor, None).await.status, 200);
+    assert_ne!(stub.user_by_login("dave"), Some(dave));
+    // Disabled: refused, cached or not.
+    let dave = stub.user_by_login("dave").unwrap();
+    stub.set_user_disabled(dave, true);
+    let a = call(&stub, "GET", "/api/user", &editor, None).await;
+    assert_eq!(
+        (a.status, &a.body["messageId"]),
+        (401, &Value::from("identity.disabled"))
+    );
+}
+
+/// `shared_secret`: without the right `X-WEBAUTH-SECRET` the proxy client
+/// does not apply, and the request falls through to the session cookie.
+#[tokio::test]
+async fn auth_proxy_shared_secret() {
+    let stub = GrafanaStub::start_with(auth_proxy_stub(|o| {
+        o.auth_proxy_shared_secret = Some("s3cret".into());
+    }))
+    .await;
+    stub.add_user("erin", "erin-pw-1", "Viewer", false);
+    let a = call(&stub, "GET", "/api/user", &[("x-webauth-user", "erin")], None).await;
+    assert_eq!(a.status, 401);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("x-webauth-user", "erin"), ("x-webauth-secret", "wrong")],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[("x-webauth-user", "erin"), ("x-webauth-secret", "s3cret")],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("erin")));
+    let session = stub.login("admin", "admin").unwrap();
+    let a = call(
+        &stub,
+        "GET",
+        "/api/user",
+        &[
+            ("x-webauth-user", "erin"),
+            ("cookie", &format!("grafana_session={session}")),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, &a.body["login"]), (200, &Value::from("admin")));
 }
 
 #[tokio::test]
