@@ -3,6 +3,7 @@
 
 mod audit;
 mod auth;
+mod auth_proxy;
 mod browser;
 mod config;
 mod deploy;
