@@ -447,12 +447,10 @@ impl Config {
     /// Reads `path`, which must exist (a file named with `--config`),
     /// applies the environment and validates the result.
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
-        match Self::load_if_present(path, env)? {
-            (config, true) => Ok(config),
-            (_, false) => Err(ConfigError::Missing {
-                path: path.to_owned(),
-            }),
-        }
+        let doc = Self::read(path)?.ok_or_else(|| ConfigError::Missing {
+            path: path.to_owned(),
+        })?;
+        Self::from_doc(doc, env)
     }
 
     /// Reads `path` if it exists, built-in defaults otherwise (the implicit
@@ -462,24 +460,35 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(Config, bool), ConfigError> {
-        let (mut doc, found) = match std::fs::read_to_string(path) {
-            Ok(text) => (
-                text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
+        let doc = Self::read(path)?;
+        let found = doc.is_some();
+        Ok((Self::from_doc(doc.unwrap_or_default(), env)?, found))
+    }
+
+    /// The file's TOML, or `None` when there is no such file.
+    fn read(path: &Path) -> Result<Option<toml::Table>, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .parse::<toml::Table>()
+                .map(Some)
+                .map_err(|e| ConfigError::Syntax {
                     path: path.to_owned(),
                     message: e.to_string(),
-                })?,
-                true,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (toml::Table::new(), false),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        };
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn from_doc(
+        mut doc: toml::Table,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let env_keys = env::apply_env(&mut doc, env)?;
-        Ok((Self::from_table(doc, env_keys)?, found))
+        Self::from_table(doc, env_keys)
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
@@ -893,6 +902,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         let err = Config::load(&path, env(&[])).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing { .. }), "{err}");
+        // Named first, before what the environment gets wrong.
+        let err = Config::load(&path, env(&[("PORTCULLIS_SERVER_LISTN", "1")])).unwrap_err();
         assert!(matches!(err, ConfigError::Missing { .. }), "{err}");
         assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         // The implicit one may be absent.
