@@ -15,7 +15,9 @@ Then the rules the issue that wrote these files asked for:
 - the gateway's config is mounted as a directory (no subPath: a subPath mount
   never sees a ConfigMap update) and named by --config;
 - the admin port is named `admin` and announced for Prometheus;
-- Grafana has [auth.proxy] on, with the gateway's loopback whitelisted.
+- Grafana has [auth.proxy] on, with the gateway's loopback whitelisted, and
+  the gateway beside it sends identities that way (identity.grafana =
+  "auth_proxy" in its config).
 
 With --configs-out DIR, each ConfigMap's gateway.toml is written there
 (FILE-STEM.NAME.toml) for the Rust test to load with the gateway's own
@@ -28,6 +30,7 @@ Exit status: 0 all good, 1 a check failed, 3 kubernetes-validate missing.
 import argparse
 import os
 import sys
+import tomllib
 
 try:
     import kubernetes_validate
@@ -63,6 +66,7 @@ def pod_spec(doc):
 
 
 def check_pod(where, template, defined, errors):
+    """`defined`: (kind, name) -> the document, for what this file defines."""
     spec = template["spec"]
     metadata = template.get("metadata", {})
     if spec.get("enableServiceLinks") is not False:
@@ -82,6 +86,8 @@ def check_pod(where, template, defined, errors):
         if "configMap" in v:
             refer("ConfigMap", v["configMap"]["name"], f"volume {v['name']}")
 
+    gateway_config = None
+    grafana_with_auth_proxy = False
     for c in spec.get("initContainers", []) + spec.get("containers", []):
         cw = f"{where} container {c['name']}"
         sc = c.get("securityContext", {})
@@ -110,16 +116,26 @@ def check_pod(where, template, defined, errors):
 
         image = c.get("image", "")
         if image.split("/")[-1].startswith("portcullis"):
-            check_gateway(cw, c, volumes, metadata, errors)
+            gateway_config = check_gateway(cw, c, volumes, metadata, defined, errors)
         if image.startswith("grafana/grafana"):
             env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
             if env.get("GF_AUTH_PROXY_ENABLED") != "true":
                 errors.append(f"{cw}: GF_AUTH_PROXY_ENABLED=true ([auth.proxy]) is missing")
             if "127.0.0.1" not in env.get("GF_AUTH_PROXY_WHITELIST", ""):
                 errors.append(f"{cw}: GF_AUTH_PROXY_WHITELIST does not whitelist the gateway's 127.0.0.1")
+            grafana_with_auth_proxy = True
+    if grafana_with_auth_proxy and gateway_config is not None:
+        mode = gateway_config.get("identity", {}).get("grafana")
+        if mode != "auth_proxy":
+            errors.append(
+                f'{where}: Grafana has [auth.proxy] but the gateway\'s identity.grafana is {mode!r}, '
+                'not "auth_proxy": the identity headers would never be sent'
+            )
 
 
-def check_gateway(cw, c, volumes, metadata, errors):
+def check_gateway(cw, c, volumes, metadata, defined, errors):
+    """Returns the gateway's config (parsed) when this file defines it."""
+    config = None
     mounts = c.get("volumeMounts", [])
     for m in mounts:
         if "subPath" in m or "subPathExpr" in m:
@@ -134,6 +150,16 @@ def check_gateway(cw, c, volumes, metadata, errors):
         volume = volumes.get(mount["name"]) if mount else None
         if not volume or "configMap" not in volume:
             errors.append(f"{cw}: --config {path} is not in a directory mounted from a ConfigMap")
+        else:
+            config_map = defined.get(("ConfigMap", volume["configMap"]["name"]), {})
+            text = config_map.get("data", {}).get(name)
+            if text is None:
+                errors.append(f"{cw}: --config {path}: the ConfigMap has no key {name}")
+            else:
+                try:
+                    config = tomllib.loads(text)
+                except tomllib.TOMLDecodeError as e:
+                    errors.append(f"{cw}: {name} is not TOML: {e}")
     ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
     if "admin" not in ports:
         errors.append(f"{cw}: no port named admin (the admin listener, /metrics)")
@@ -142,6 +168,7 @@ def check_gateway(cw, c, volumes, metadata, errors):
         "prometheus.io/port"
     ) != str(ports.get("admin")):
         errors.append(f"{cw}: the pod does not announce the admin port to Prometheus")
+    return config
 
 
 def main():
@@ -156,7 +183,7 @@ def main():
             docs = [d for d in yaml.safe_load_all(f) if d is not None]
         if not docs:
             errors.append(f"{path}: no resource")
-        defined = {(d.get("kind"), d.get("metadata", {}).get("name")) for d in docs}
+        defined = {(d.get("kind"), d.get("metadata", {}).get("name")): d for d in docs}
         for doc in docs:
             where = f"{path}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
             resources += 1
