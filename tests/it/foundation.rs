@@ -29,6 +29,7 @@ fn passthrough(upstream_url: &str) -> (Config, tempfile::TempDir) {
         rewrite: None,
         forward_credentials: true,
         inject_identity: true,
+        grafana: None,
     }];
     (config, dir)
 }
