@@ -653,6 +653,11 @@ impl Gateway {
                 Outcome::Denied(_) => return Err(Refusal::Refused),
             }
         }
+        // A password checked on an anonymous route is as verified as a
+        // judged one: towards Grafana's auth proxy it goes as the user too.
+        let checked = checked_password
+            .as_ref()
+            .map(|identity| (identity.clone(), requested_org.unwrap_or(identity.org_id)));
         // A call that revokes the caller's own credentials on a route that
         // needs none (PMM's `/graph`): learn who calls before forwarding,
         // while the credential still works. Grafana judges the call itself,
@@ -696,7 +701,8 @@ impl Gateway {
             // Towards Grafana: the credential or an identity, never both.
             // Grafana checks a credential before its auth proxy, and when it
             // refuses one the proxy headers would sign the request in.
-            if let (GrafanaMode::AuthProxy, Some((identity, org_id))) = (self.grafana_mode, identity) {
+            let verified = identity.or(checked.as_ref().filter(|(i, _)| i.is_named()));
+            if let (GrafanaMode::AuthProxy, Some((identity, org_id))) = (self.grafana_mode, verified) {
                 // Tokens and keys cannot be proxy users; the session calls
                 // read the cookie themselves.
                 if identity.is_user() && !reads_session_cookie(&upstream_path) {
