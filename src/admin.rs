@@ -13,44 +13,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use crate::cache::{Cache, Source};
-use crate::gateway::json_response;
-use crate::proxy::Body;
-use crate::server::Shutdown;
+use crate::cache::Cache;
+use crate::http::json_response;
+use crate::metrics::{write_metric, Metrics};
 
-/// Counters exported on `/metrics`; written with relaxed atomics on the
-/// request path.
-#[derive(Default)]
-pub struct Metrics {
-    pub responses_2xx: AtomicU64,
-    pub responses_3xx: AtomicU64,
-    pub responses_4xx: AtomicU64,
-    pub responses_5xx: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub redis_hits: AtomicU64,
-    pub verifications: AtomicU64,
-    pub revocations: AtomicU64,
-    pub connections_refused: AtomicU64,
-    pub connections_open: AtomicU64,
-}
-
-impl Metrics {
-    pub fn record(&self, status: StatusCode, source: Option<Source>) {
-        let counter = match status.as_u16() {
-            200..=299 => &self.responses_2xx,
-            300..=399 => &self.responses_3xx,
-            400..=499 => &self.responses_4xx,
-            _ => &self.responses_5xx,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        match source {
-            Some(Source::Local) => self.cache_hits.fetch_add(1, Ordering::Relaxed),
-            Some(Source::Shared) => self.redis_hits.fetch_add(1, Ordering::Relaxed),
-            Some(Source::Verifier) => self.verifications.fetch_add(1, Ordering::Relaxed),
-            None => 0,
-        };
-    }
-}
+/// The admin listener's answers: always whole.
+type Body = http_body_util::Full<bytes::Bytes>;
+use crate::shutdown::Shutdown;
 
 /// Redis as `/readyz` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,15 +125,6 @@ impl Readiness {
     }
 }
 
-/// One metric in Prometheus' text format; `samples` are (labels, value),
-/// labels written as `{k="v"}` or empty.
-pub fn write_metric(out: &mut String, kind: &str, name: &str, help: &str, samples: &[(&str, u64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
-    }
-}
-
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
@@ -181,7 +141,7 @@ impl Admin {
                 json_response(status, &body)
             }
             "/metrics" => {
-                let mut response = Response::new(Body::whole(self.render_metrics()));
+                let mut response = Response::new(Body::from(self.render_metrics()));
                 response.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -8,9 +8,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::auth::Role;
+use crate::role::Role;
 
 mod env;
+pub mod redis;
 pub mod values;
 
 pub use env::is_service_link;
@@ -692,7 +693,7 @@ impl Config {
             ));
         }
         if self.cache.redis.enabled() {
-            crate::cache::shared::Target::parse(&self.cache.redis, self.cache.redis.timeout)
+            redis::Target::parse(&self.cache.redis, self.cache.redis.timeout)
                 .map_err(|(key, reason)| ConfigError::key(key, reason))?;
             if self.cache.redis.timeout.is_zero() {
                 return Err(ConfigError::key("cache.redis.timeout", "must be more than zero"));

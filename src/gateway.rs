@@ -11,7 +11,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::admin::Metrics;
 use crate::auth::credential::go_cookie;
 use crate::auth::org::{self, OrgError};
 use crate::auth::{
@@ -20,6 +19,8 @@ use crate::auth::{
 };
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, GrafanaMode, Profile};
+use crate::http::json_response;
+use crate::metrics::Metrics;
 use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, RequestBody, TrustedProxies};
 use crate::revoke::{reads_session_cookie, ManagementCall, Revocation};
 use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
@@ -181,15 +182,6 @@ impl Refusal {
         }
         response
     }
-}
-
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Body::whole(body.to_string()));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
 }
 
 /// Header names the gateway injects, compared in every spelling.

@@ -9,11 +9,15 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod gateway;
+pub mod http;
+pub mod metrics;
 pub mod proxy;
 pub mod revoke;
+pub mod role;
 pub mod routes;
 pub mod server;
 pub mod shield;
+pub mod shutdown;
 pub mod tls;
 pub mod upstream;
 
@@ -24,11 +28,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::{Admin, Metrics, Readiness, RedisState};
+use crate::admin::{Admin, Readiness, RedisState};
 use crate::cache::{Cache, KeyOrigin, Keyer};
 use crate::config::{values, Config, ConfigError, TlsConfig, VerifierKind};
 use crate::gateway::Gateway;
-use crate::server::{Limits, Shutdown, TlsServer};
+use crate::metrics::Metrics;
+use crate::server::{Limits, TlsServer};
+use crate::shutdown::Shutdown;
 
 /// Everything that can stop the gateway from starting.
 #[derive(Debug, thiserror::Error)]

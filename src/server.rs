@@ -16,31 +16,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
-
-/// A cloneable "stop now" signal (mini-redis' shutdown, on a watch channel).
-#[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
-
-impl Shutdown {
-    pub fn new() -> (watch::Sender<bool>, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (tx, Shutdown(rx))
-    }
-
-    pub fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    pub async fn wait(&mut self) {
-        // A dropped sender also means stop.
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
-}
+use crate::shutdown::Shutdown;
 
 pub struct Limits {
     pub max_connections: usize,

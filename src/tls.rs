@@ -183,7 +183,11 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 /// Watches the files and swaps the certificate when both change into a valid
 /// pair; a half-written or broken pair is logged and the old one kept.
-pub fn spawn_reloader(config: TlsConfig, resolver: Arc<CertResolver>, mut shutdown: crate::server::Shutdown) {
+pub fn spawn_reloader(
+    config: TlsConfig,
+    resolver: Arc<CertResolver>,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
     if config.reload_interval.is_zero() {
         return;
     }

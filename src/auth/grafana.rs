@@ -17,6 +17,7 @@ use super::{
     PrincipalKind, Role, Verdict, VerifyError,
 };
 use crate::config::{Config, GrafanaFlavor};
+use crate::http::error_chain;
 use crate::upstream::{self, Connector};
 
 /// Largest identity answer read from Grafana.
@@ -509,17 +510,4 @@ fn identity(
         verified_at_ms: 0,
         expires_at_ms: 0,
     }))
-}
-
-/// The whole cause chain of a client error: hyper's top-level message alone
-/// ("client error (Connect)") does not say what failed.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

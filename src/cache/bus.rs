@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::shared::{next_backoff, Shared, FIRST_BACKOFF};
 use super::{Cache, CacheKey, Eviction};
 use crate::auth::{AuthMethod, Principal};
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
 
 #[derive(Serialize, Deserialize)]
 enum Wire {

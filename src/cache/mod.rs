@@ -13,6 +13,8 @@ pub use key::{CacheKey, KeyOrigin, Keyer};
 pub use local::{LocalCache, Outcome};
 pub use shared::{Shared, SharedStats};
 
+pub use crate::metrics::Source;
+
 use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +24,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::{watch, OnceCell, RwLock};
 
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
 
 use crate::auth::identity::now_ms;
 use crate::auth::{AuthMethod, Principal, Verdict, VerifyError};
@@ -41,16 +43,6 @@ fn outcome_of(verdict: Verdict, ttl: Duration) -> Outcome {
         }
         Verdict::Denied(reason) => Outcome::Denied(reason),
     }
-}
-
-/// How a lookup was answered, for metrics and the access log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// L1: this process's memory.
-    Local,
-    /// L2: Redis, verified by some replica of the fleet.
-    Shared,
-    Verifier,
 }
 
 /// What one revocation drops, here and on every replica.
@@ -456,7 +448,7 @@ impl Cache {
                 &s.evictions_unconfirmed,
             ),
         ] {
-            crate::admin::write_metric(out, "counter", name, help, &[("", load(value))]);
+            crate::metrics::write_metric(out, "counter", name, help, &[("", load(value))]);
         }
         let _ = writeln!(
             out,

@@ -128,7 +128,7 @@ pub fn connect_target(uri: &http::Uri) -> String {
 
 /// A URL with its password replaced by `***`.
 pub fn redact_url(url: &str) -> String {
-    crate::cache::shared::redact(url)
+    super::redis::redact(url)
 }
 
 #[cfg(test)]

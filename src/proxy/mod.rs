@@ -23,8 +23,8 @@ use ipnet::IpNet;
 pub mod exchange;
 
 use self::exchange::{DirectPools, ExchangeError, Exchanged, StreamedBody};
-use crate::auth::grafana::error_chain;
 use crate::config::{ConfigError, UpstreamConfig};
+use crate::http::error_chain;
 use crate::upstream::{self, Connector};
 
 /// What every response of the gateway carries.
@@ -41,6 +41,12 @@ pub enum Body {
 impl Body {
     pub fn whole(bytes: impl Into<Bytes>) -> Body {
         Body::Whole(Full::new(bytes.into()))
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Body {
+        Body::whole(bytes)
     }
 }
 

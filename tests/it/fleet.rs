@@ -819,7 +819,7 @@ async fn caches_share_and_evict(config: portcullis::config::CacheConfig) {
         verified_at_ms: 0,
         expires_at_ms: 0,
     };
-    let (_stop, shutdown) = portcullis::server::Shutdown::new();
+    let (_stop, shutdown) = portcullis::shutdown::Shutdown::new();
     let mut caches = Vec::new();
     for _ in 0..2 {
         let shared = Shared::connect(&config.redis, config.ttl)

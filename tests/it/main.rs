@@ -11,6 +11,7 @@ mod desync;
 mod fleet;
 mod foundation;
 mod hardening;
+mod layers;
 mod lockout;
 mod revocations;
 mod sessions;
