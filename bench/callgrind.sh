@@ -58,7 +58,7 @@ run_callgrind() {
     || die "BENCH_CALLGRIND=1 needs valgrind (apt-get install valgrind)"
   log "callgrind: instructions per request, $CALLGRIND_CONNS connections, ${CALLGRIND_SECONDS}s window"
   sed -e "s/127.0.0.1:$PORT_NGINX_TLS /127.0.0.1:$PORT_CG_NGINX /" \
-      -e "/127.0.0.1:$PORT_NGINX_SHA\|127.0.0.1:$PORT_NGINX_BCRYPT/s/listen [^;]*;/listen 127.0.0.1:$((PORT_CG_NGINX + 1)) ssl;/" \
+      -e "/^ *listen 127.0.0.1:$PORT_CG_NGINX /!s/^\( *\)listen [^;]*;/\1listen 127.0.0.1:$((PORT_CG_NGINX + 1)) ssl;/" \
       -e "s|^pid .*;|pid $RUN/cg-nginx.pid.nginx;|" \
       -e "s|^error_log .*;|error_log $RUN/cg-nginx.error.log warn;|" \
       "$RUN/nginx-proxy.conf" > "$RUN/cg-nginx.conf"

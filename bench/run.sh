@@ -13,7 +13,8 @@
 #   BENCH_WARMUP=2s         one warm-up run per case before the first rep
 #   BENCH_QUICK=1           same as --quick
 #   BENCH_ONLY=REGEX        only the cases whose name matches (nginx-tls is
-#                           always kept: every ratio is taken against it)
+#                           always kept: every ratio is taken against it);
+#                           BENCH_ONLY=grafana- : the end-to-end cases only
 #   BENCH_PEERS_ONLY=1      skip the Portcullis cases (no cargo build)
 #   BENCH_TOKENS=2000       distinct service-account tokens for cold / L2 cases
 #   BENCH_L2_L1_ENTRIES=64  L1 size of the gateway measured on L2 hits
@@ -21,7 +22,7 @@
 #   BENCH_PC_TTL=1h         Portcullis cache TTL (long, so nothing expires mid-run)
 #   BENCH_SERVER_CPU=0      core for every server (upstream, proxy, stand-in, redis)
 #   BENCH_CLIENT_CPU=1      core for the load generator
-#   BENCH_PORT_BASE=23000   loopback ports used: BASE+80 .. BASE+490 (must be free)
+#   BENCH_PORT_BASE=23000   loopback ports used: BASE+80 .. BASE+492 (must be free)
 #   BENCH_SKIP_INSTALL=1    do not apt-get anything
 #   BENCH_SKIP_BUILD=1      use the existing release binaries
 #   BENCH_H2=1              also run h2load (HTTP/2) for nginx-tls and portcullis-bearer
@@ -58,6 +59,7 @@ else
 fi
 REPS=${BENCH_REPS:-3}
 ONLY=${BENCH_ONLY:-}
+wanted() { [[ -z "$ONLY" || "$1" =~ $ONLY ]]; }  # wanted CASE: does BENCH_ONLY keep it
 PEERS_ONLY=${BENCH_PEERS_ONLY:-0}
 L2_L1_ENTRIES=${BENCH_L2_L1_ENTRIES:-64}
 MEM_IDENTITIES=${BENCH_MEM_IDENTITIES:-100000}
@@ -75,7 +77,7 @@ WRK_TIMEOUT=${BENCH_WRK_TIMEOUT:-10s}
 
 PORT_UPSTREAM=$((BASE + 80))
 PORT_NGINX_TLS=$((BASE + 443)); PORT_NGINX_SHA=$((BASE + 444)); PORT_NGINX_BCRYPT=$((BASE + 445))
-PORT_NGINX_FWD=$((BASE + 446))
+PORT_NGINX_FWD=$((BASE + 446)); PORT_NGINX_GRAFANA=$((BASE + 447))
 PORT_HAPROXY_TLS=$((BASE + 453)); PORT_HAPROXY_BEARER=$((BASE + 454))
 PORT_CADDY_TLS=$((BASE + 463)); PORT_CADDY_BASIC=$((BASE + 464))
 PORT_PC=$((BASE + 473)); PORT_PC_ADMIN=$((BASE + 474))
@@ -83,7 +85,12 @@ PORT_PC_COLD=$((BASE + 475)); PORT_PC_COLD_ADMIN=$((BASE + 476))
 PORT_PC_L2A=$((BASE + 477)); PORT_PC_L2A_ADMIN=$((BASE + 478))
 PORT_PC_L2B=$((BASE + 479)); PORT_PC_L2B_ADMIN=$((BASE + 480))
 PORT_PC_MEM=$((BASE + 481)); PORT_PC_MEM_ADMIN=$((BASE + 482))
+PORT_PC_GFC=$((BASE + 483)); PORT_PC_GFC_ADMIN=$((BASE + 484))
+PORT_PC_GFP=$((BASE + 485)); PORT_PC_GFP_ADMIN=$((BASE + 486))
 PORT_STUB=$((BASE + 490)); PORT_REDIS=$((BASE + 379))
+# The end-to-end cases' upstreams: a stand-in as Grafana is run today (no
+# auth proxy) and one with [auth.proxy] on.
+PORT_STUB_CRED=$((BASE + 491)); PORT_STUB_PROXY=$((BASE + 492))
 
 BASIC_USER=bench; BASIC_PASS=bench-password-1
 GRAFANA_USER=admin; GRAFANA_PASS=admin
@@ -103,10 +110,11 @@ ncpu=$(nproc)
 # Every port must be free: a foreign server answering on one would be measured instead.
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 busy=()
-for p in "$PORT_UPSTREAM" "$PORT_NGINX_TLS" "$PORT_NGINX_SHA" "$PORT_NGINX_BCRYPT" "$PORT_NGINX_FWD" "$PORT_HAPROXY_TLS" \
-         "$PORT_HAPROXY_BEARER" "$PORT_CADDY_TLS" "$PORT_CADDY_BASIC" "$PORT_PC" "$PORT_PC_ADMIN" \
+for p in "$PORT_UPSTREAM" "$PORT_NGINX_TLS" "$PORT_NGINX_SHA" "$PORT_NGINX_BCRYPT" "$PORT_NGINX_FWD" "$PORT_NGINX_GRAFANA" \
+         "$PORT_HAPROXY_TLS" "$PORT_HAPROXY_BEARER" "$PORT_CADDY_TLS" "$PORT_CADDY_BASIC" "$PORT_PC" "$PORT_PC_ADMIN" \
          "$PORT_PC_COLD" "$PORT_PC_COLD_ADMIN" "$PORT_PC_L2A" "$PORT_PC_L2A_ADMIN" "$PORT_PC_L2B" \
-         "$PORT_PC_L2B_ADMIN" "$PORT_PC_MEM" "$PORT_PC_MEM_ADMIN" "$PORT_STUB" "$PORT_REDIS"; do
+         "$PORT_PC_L2B_ADMIN" "$PORT_PC_MEM" "$PORT_PC_MEM_ADMIN" "$PORT_PC_GFC" "$PORT_PC_GFC_ADMIN" \
+         "$PORT_PC_GFP" "$PORT_PC_GFP_ADMIN" "$PORT_STUB" "$PORT_STUB_CRED" "$PORT_STUB_PROXY" "$PORT_REDIS"; do
   port_busy "$p" && busy+=("$p")
 done
 ((${#busy[@]} == 0)) || die "ports already in use on 127.0.0.1: ${busy[*]} (pick another block with BENCH_PORT_BASE)"
@@ -250,6 +258,7 @@ render() {  # render TEMPLATE DEST [KEY=VALUE ...]
   for kv in RUN="$RUN" CERT="$RUN/cert.pem" KEY="$RUN/key.pem" CERTKEY="$RUN/certkey.pem" \
             PORT_UPSTREAM=$PORT_UPSTREAM PORT_NGINX_TLS=$PORT_NGINX_TLS PORT_NGINX_SHA=$PORT_NGINX_SHA \
             PORT_NGINX_BCRYPT=$PORT_NGINX_BCRYPT PORT_NGINX_FWD=$PORT_NGINX_FWD PORT_HAPROXY_TLS=$PORT_HAPROXY_TLS \
+            PORT_NGINX_GRAFANA=$PORT_NGINX_GRAFANA PORT_STUB_CRED=$PORT_STUB_CRED \
             PORT_HAPROXY_BEARER=$PORT_HAPROXY_BEARER PORT_CADDY_TLS=$PORT_CADDY_TLS \
             PORT_CADDY_BASIC=$PORT_CADDY_BASIC PORT_STUB=$PORT_STUB BASIC_USER=$BASIC_USER \
             CADDY_BCRYPT="$CADDY_BCRYPT" PC_TTL="$PC_TTL" HOT_SA_NAME="$HOT_SA_NAME" HOT_SA_ROLE="$HOT_SA_ROLE" "$@"; do
@@ -286,13 +295,17 @@ wait_http caddy "https://127.0.0.1:$PORT_CADDY_TLS/" 200
 # ------------------------------------------------------------ portcullis --
 HOT_TOKEN=""; SESSION=""
 TOKENS_FILE=$RUN/tokens.txt
-pc_config() {  # pc_config NAME PORT ADMIN_PORT MAX_ENTRIES WITH_REDIS
+# Optional: the upstream's port (default the static nginx), the stand-in it
+# verifies against (default the verifier stand-in) and identity.grafana
+# (default credential).
+pc_config() {  # pc_config NAME PORT ADMIN_PORT MAX_ENTRIES WITH_REDIS [UPSTREAM_PORT GRAFANA_PORT MODE]
   local f=$RUN/$1.toml
-  render "$BENCH_DIR/conf/portcullis.toml" "$f" PC_PORT="$2" PC_ADMIN_PORT="$3" PC_MAX_ENTRIES="$4"
+  render "$BENCH_DIR/conf/portcullis.toml" "$f" PC_PORT="$2" PC_ADMIN_PORT="$3" PC_MAX_ENTRIES="$4" \
+    PC_UPSTREAM_PORT="${6:-$PORT_UPSTREAM}" PC_GRAFANA_PORT="${7:-$PORT_STUB}" PC_GRAFANA_MODE="${8:-credential}"
   if [[ "$5" == 1 ]]; then printf '\n[cache.redis]\nurl = "redis://127.0.0.1:%s/"\n' "$PORT_REDIS" >> "$f"; fi
   echo "$f"
 }
-pc_start() {  # pc_start NAME PORT ADMIN_PORT MAX_ENTRIES WITH_REDIS
+pc_start() {  # pc_start NAME PORT ADMIN_PORT MAX_ENTRIES WITH_REDIS [UPSTREAM_PORT GRAFANA_PORT MODE]
   local cfg; cfg=$(pc_config "$@")
   start_bg "$1" "$PC_BIN" --config "$cfg"
   wait_http "$1" "http://127.0.0.1:$3/readyz" 200
@@ -300,6 +313,11 @@ pc_start() {  # pc_start NAME PORT ADMIN_PORT MAX_ENTRIES WITH_REDIS
 stub_api() {  # stub_api METHOD PATH [JSON]
   curl -sS --fail-with-body --max-time 30 -u "$GRAFANA_USER:$GRAFANA_PASS" -X "$1" \
     -H 'Content-Type: application/json' ${3:+--data "$3"} "http://127.0.0.1:$PORT_STUB$2"
+}
+stub_login() {  # stub_login PORT: the grafana_session cookie of admin's POST /login at that stand-in
+  curl -sS -D - -o /dev/null -H 'Content-Type: application/json' \
+      --data "{\"user\":\"$GRAFANA_USER\",\"password\":\"$GRAFANA_PASS\"}" "http://127.0.0.1:$1/login" |
+    tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: grafana_session=\([^;]*\).*/\1/p' | head -1
 }
 json_field() { sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\{0,1\}\([^\",}]*\)\"\{0,1\}.*/\1/p" | head -1; }
 mint_tokens() {  # mint_tokens SA_ID COUNT PREFIX > file  (one curl process, keep-alive)
@@ -326,20 +344,24 @@ if [[ "$PEERS_ONLY" != 1 ]]; then
   [[ -n "$SA_ID" ]] || die "could not create a service account"
   HOT_TOKEN=$(mint_tokens "$SA_ID" 1 hot)
   [[ "$HOT_TOKEN" == glsa_* ]] || die "could not mint a token (got '$HOT_TOKEN')"
-  SA2_ID=$(stub_api POST /api/serviceaccounts '{"name":"bench-many","role":"Viewer"}' | json_field id)
-  t0=$(date +%s)
-  mint_tokens "$SA2_ID" "$TOKENS" many > "$TOKENS_FILE"
-  got=$(wc -l < "$TOKENS_FILE")
-  ((got == TOKENS)) || die "minted $got of $TOKENS tokens"
-  log "minted $got distinct tokens in $(( $(date +%s) - t0 ))s"
-  SESSION=$(curl -sS -D - -o /dev/null -H 'Content-Type: application/json' \
-      --data "{\"user\":\"$GRAFANA_USER\",\"password\":\"$GRAFANA_PASS\"}" "http://127.0.0.1:$PORT_STUB/login" |
-    tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: grafana_session=\([^;]*\).*/\1/p' | head -1)
+  # The many tokens (two PBKDF2 runs each at the stand-in) only for the cases that use them.
+  : > "$TOKENS_FILE"
+  if wanted portcullis-cold || wanted portcullis-l2; then
+    SA2_ID=$(stub_api POST /api/serviceaccounts '{"name":"bench-many","role":"Viewer"}' | json_field id)
+    t0=$(date +%s)
+    mint_tokens "$SA2_ID" "$TOKENS" many > "$TOKENS_FILE"
+    got=$(wc -l < "$TOKENS_FILE")
+    ((got == TOKENS)) || die "minted $got of $TOKENS tokens"
+    log "minted $got distinct tokens in $(( $(date +%s) - t0 ))s"
+  fi
+  SESSION=$(stub_login "$PORT_STUB")
   [[ -n "$SESSION" ]] || die "login did not set grafana_session"
 
   log "starting Portcullis (1 worker) for the cache-hit cases"
   pc_start pc "$PORT_PC" "$PORT_PC_ADMIN" 100000 0
 
+fi
+if [[ "$PEERS_ONLY" != 1 ]] && wanted portcullis-l2; then
   log "filling L2: gateway A (with redis) verifies each of the $TOKENS tokens once"
   pc_start pc-l2a "$PORT_PC_L2A" "$PORT_PC_L2A_ADMIN" 100000 1
   fill=$RUN/l2-fill.curl; : > "$fill"
@@ -364,7 +386,7 @@ fi
 # on first sight, as it would one that another replica verified.
 MEM_TOKENS_FILE=$RUN/mem-tokens.txt
 mem_entries() { curl -s --max-time 5 "http://127.0.0.1:$PORT_PC_MEM_ADMIN/metrics" | awk '$1 == "portcullis_cache_entries" {print $2}'; }
-if [[ "$PEERS_ONLY" != 1 ]] && ((MEM_IDENTITIES > 0)) && [[ -z "$ONLY" || portcullis-mem =~ $ONLY ]]; then
+if [[ "$PEERS_ONLY" != 1 ]] && ((MEM_IDENTITIES > 0)) && wanted portcullis-mem; then
   log "memory case: seeding $MEM_IDENTITIES identities into redis (examples/cache_memory --seed-redis)"
   t0=$(date +%s)
   taskset -c "$CLIENT_CPU" "$MEM_BIN" "$MEM_IDENTITIES" --seed-redis "redis://127.0.0.1:$PORT_REDIS/" \
@@ -388,6 +410,33 @@ if [[ "$PEERS_ONLY" != 1 ]] && ((MEM_IDENTITIES > 0)) && [[ -z "$ONLY" || portcu
   log "memory case: L1 holds ${MEM_FILLED:-?} identities; RSS $((MEM_START_KIB / 1024)) MiB at start, $((MEM_FILLED_KIB / 1024)) MiB filled"
 fi
 
+# End to end through Grafana (the grafana-* cases): the stand-in is the
+# upstream, and what it does per request is measured with the rest. It
+# charges Grafana's PBKDF2 (10,000 iterations) for every password it checks,
+# so a Basic credential forwarded to it costs a hash on every request; a
+# session cookie costs a lookup. Two stand-ins, pinned like every server:
+# stub-cred as Grafana is run today (behind PMM's nginx, or the gateway in
+# identity.grafana = "credential"), stub-proxy with [auth.proxy] on (it
+# trusts X-WEBAUTH-USER from loopback) behind the gateway in "auth_proxy"
+# mode. Each gateway verifies against its own upstream, as it would against
+# the Grafana it fronts. Sessions rotate after a day here (Grafana: 10
+# minutes, one rotation per browser then; without it a long run would see
+# the stand-in refuse the session half way).
+SESSION_CRED=""; SESSION_PROXY=""
+if [[ "$PEERS_ONLY" != 1 ]] && { wanted grafana-nginx-basic || wanted grafana-nginx-session ||
+     wanted grafana-credential-basic || wanted grafana-credential-session ||
+     wanted grafana-auth-proxy-basic || wanted grafana-auth-proxy-session; }; then
+  log "end to end: Grafana stand-ins as upstreams (:$PORT_STUB_CRED credential, :$PORT_STUB_PROXY auth proxy) and their gateways"
+  start_bg stub-cred "$STUB_BIN" --listen "127.0.0.1:$PORT_STUB_CRED" --flavor grafana11 --rotation-interval 86400
+  start_bg stub-proxy "$STUB_BIN" --listen "127.0.0.1:$PORT_STUB_PROXY" --flavor grafana11 --rotation-interval 86400 --auth-proxy
+  wait_http stub-cred "http://127.0.0.1:$PORT_STUB_CRED/api/health"
+  wait_http stub-proxy "http://127.0.0.1:$PORT_STUB_PROXY/api/health"
+  SESSION_CRED=$(stub_login "$PORT_STUB_CRED"); SESSION_PROXY=$(stub_login "$PORT_STUB_PROXY")
+  [[ -n "$SESSION_CRED" && -n "$SESSION_PROXY" ]] || die "login at the end-to-end stand-ins did not set grafana_session"
+  pc_start pc-gfc "$PORT_PC_GFC" "$PORT_PC_GFC_ADMIN" 100000 0 "$PORT_STUB_CRED" "$PORT_STUB_CRED" credential
+  pc_start pc-gfp "$PORT_PC_GFP" "$PORT_PC_GFP_ADMIN" 100000 0 "$PORT_STUB_PROXY" "$PORT_STUB_PROXY" auth_proxy
+fi
+
 # ----------------------------------------------------------------- cases --
 # Table order.
 ALL_CASES=(upstream-direct nginx-tls nginx-tls-fwd nginx-basic-sha nginx-basic-bcrypt haproxy-tls haproxy-bearer
@@ -395,12 +444,17 @@ ALL_CASES=(upstream-direct nginx-tls nginx-tls-fwd nginx-basic-sha nginx-basic-b
 [[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer portcullis-basic portcullis-cookie
                                           portcullis-cold portcullis-l2)
 [[ "$PEERS_ONLY" == 1 ]] || ((MEM_IDENTITIES == 0)) || ALL_CASES+=(portcullis-mem)
+# End to end, the Grafana stand-in as the upstream: their own table, paired
+# with nginx forwarding the same credential to the same kind of stand-in.
+GRAFANA_CASES=(grafana-nginx-basic grafana-credential-basic grafana-auth-proxy-basic
+               grafana-nginx-session grafana-credential-session grafana-auth-proxy-session)
+[[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=("${GRAFANA_CASES[@]}")
 # Run order within a rep: the baseline sits next to the cases it is most
 # closely compared with (the close peers, then Portcullis' cache hits), so that
 # each per-rep ratio pairs runs seconds apart, not minutes.
 RUN_ORDER=(upstream-direct haproxy-tls haproxy-bearer nginx-basic-sha nginx-tls-fwd nginx-tls portcullis-bearer
            portcullis-basic portcullis-cookie portcullis-l2 portcullis-mem nginx-basic-bcrypt caddy-tls caddy-basic-bcrypt
-           portcullis-cold)
+           "${GRAFANA_CASES[@]}" portcullis-cold)
 if [[ "$H2" == 1 ]]; then
   ALL_CASES+=(nginx-tls-h2 haproxy-tls-h2 caddy-tls-h2)
   [[ "$PEERS_ONLY" == 1 ]] || ALL_CASES+=(portcullis-bearer-h2)
@@ -428,6 +482,12 @@ describe() {
     portcullis-cold) echo "Portcullis cold: distinct tokens, each verified once" ;;
     portcullis-l2) echo "Portcullis L2 (Redis) hits" ;;
     portcullis-mem) echo "Portcullis, $MEM_IDENTITIES cached identities, L1 hits across all" ;;
+    grafana-nginx-basic) echo "nginx TLS proxy → stand-in, Basic forwarded (PMM today)" ;;
+    grafana-nginx-session) echo "nginx TLS proxy → stand-in, session cookie forwarded (PMM today)" ;;
+    grafana-credential-basic) echo "Portcullis credential mode → stand-in, Basic" ;;
+    grafana-credential-session) echo "Portcullis credential mode → stand-in, session cookie" ;;
+    grafana-auth-proxy-basic) echo "Portcullis auth_proxy mode → stand-in, Basic" ;;
+    grafana-auth-proxy-session) echo "Portcullis auth_proxy mode → stand-in, session cookie" ;;
   esac
 }
 # case_target NAME: sets URL, HDR (curl/wrk header args) and SCRIPT (wrk script args)
@@ -449,13 +509,22 @@ case_target() {
     portcullis-cold) URL=https://127.0.0.1:$PORT_PC_COLD/; SCRIPT=(-s "$BENCH_DIR/lua/tokens.lua") ;;
     portcullis-l2) URL=https://127.0.0.1:$PORT_PC_L2B/; SCRIPT=(-s "$BENCH_DIR/lua/tokens.lua") ;;
     portcullis-mem) URL=https://127.0.0.1:$PORT_PC_MEM/; SCRIPT=(-s "$BENCH_DIR/lua/tokens.lua") ;;
+    # End to end: GET /api/user, the signed-in user, which Grafana (and the
+    # stand-in) authenticates like every API call.
+    grafana-nginx-basic) URL=https://127.0.0.1:$PORT_NGINX_GRAFANA/api/user; HDR=(-H "Authorization: Basic $BASIC_GRAFANA_B64") ;;
+    grafana-nginx-session) URL=https://127.0.0.1:$PORT_NGINX_GRAFANA/api/user; HDR=(-H "Cookie: grafana_session=$SESSION_CRED") ;;
+    grafana-credential-basic) URL=https://127.0.0.1:$PORT_PC_GFC/api/user; HDR=(-H "Authorization: Basic $BASIC_GRAFANA_B64") ;;
+    grafana-credential-session) URL=https://127.0.0.1:$PORT_PC_GFC/api/user; HDR=(-H "Cookie: grafana_session=$SESSION_CRED") ;;
+    grafana-auth-proxy-basic) URL=https://127.0.0.1:$PORT_PC_GFP/api/user; HDR=(-H "Authorization: Basic $BASIC_GRAFANA_B64") ;;
+    grafana-auth-proxy-session) URL=https://127.0.0.1:$PORT_PC_GFP/api/user; HDR=(-H "Cookie: grafana_session=$SESSION_PROXY") ;;
     *) die "unknown case $1" ;;
   esac
 }
 case_needs_auth() { local n=${1%-h2}; [[ "$n" != upstream-direct && "$n" != *-tls && "$n" != nginx-tls-fwd ]]; }
 case_process() {  # which long-lived process serves the case (for peak RSS)
   case ${1%-h2} in
-    upstream-direct) echo upstream ;; nginx-*) echo nginx ;; haproxy-*) echo haproxy ;;
+    upstream-direct) echo upstream ;; nginx-*|grafana-nginx-*) echo nginx ;; haproxy-*) echo haproxy ;;
+    grafana-credential-*) echo pc-gfc ;; grafana-auth-proxy-*) echo pc-gfp ;;
     caddy-*) echo caddy ;; portcullis-cold|portcullis-l2) echo "" ;; portcullis-mem) echo pc-mem ;;
     portcullis-*) echo pc ;;
   esac
@@ -472,7 +541,13 @@ serving_pid() {
   [[ -z "$pid" ]] || [[ "$p" != nginx && "$p" != upstream ]] || pid=$(nginx_worker "$pid")
   echo "$pid"
 }
-upstream_pid() { nginx_worker "${PID_OF[upstream]}"; }
+upstream_pid() {  # upstream_pid CASE: the process the case's requests are forwarded to
+  case $1 in
+    grafana-nginx-*|grafana-credential-*) echo "${PID_OF[stub-cred]:-}" ;;
+    grafana-auth-proxy-*) echo "${PID_OF[stub-proxy]:-}" ;;
+    *) nginx_worker "${PID_OF[upstream]}" ;;
+  esac
+}
 # User + system CPU time of a process (all its threads), in clock ticks. The
 # kernel keeps the hypervisor's steal out of it: it is the work the process
 # did, however slow the host was.
@@ -631,6 +706,23 @@ if [[ " ${CASES[*]} " == *" portcullis-mem "* ]]; then
   code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 10 "https://127.0.0.1:$PORT_PC_MEM/" || true)
   [[ "$code" == 401 ]] || { log "  portcullis-mem: no credential gave $code, expected 401"; SANITY_FAILED+=(portcullis-mem); }
 fi
+# End to end: what reaches the stand-in (it echoes any path it does not
+# serve): in credential mode the credential and no identity header, in
+# auth_proxy mode the identity and neither Authorization nor the session cookie.
+for name in grafana-credential-basic grafana-credential-session grafana-auth-proxy-basic grafana-auth-proxy-session; do
+  [[ " ${CASES[*]} " == *" $name "* ]] || continue
+  case_target "$name"
+  seen=$(curl -sk --max-time 10 "${HDR[@]}" "${URL%/api/user}/__stub/echo/bench" || true)
+  has_user=0; has_cred=0
+  grep -qi '"x-webauth-user"' <<< "$seen" && has_user=1
+  grep -qi '"authorization"\|grafana_session=' <<< "$seen" && has_cred=1
+  case $name in
+    grafana-credential-*) want="credential, no identity"; ((has_cred == 1 && has_user == 0)) && ok=1 || ok=0 ;;
+    grafana-auth-proxy-*) want="identity, no credential"; ((has_cred == 0 && has_user == 1)) && ok=1 || ok=0 ;;
+  esac
+  if ((ok)); then log "  $name: the stand-in received the $want"
+  else log "  $name: expected the stand-in to receive the $want; it saw: ${seen:0:400}"; SANITY_FAILED+=("$name"); fi
+done
 ((${#SANITY_FAILED[@]} == 0)) || die "sanity checks failed: ${SANITY_FAILED[*]}"
 
 if [[ "$CALLGRIND" == 1 ]]; then
@@ -655,7 +747,7 @@ fi
 {
   for name in "${CASES[@]}"; do
     case_target "$name"; [[ "$URL" == https://* ]] || continue
-    port=${URL##*:}; port=${port%/}
+    port=${URL##*:}; port=${port%%/*}
     [[ "$name" == portcullis-cold || "$name" == portcullis-l2 || "$name" == portcullis-mem ]] && continue
     printf '%-20s %s\n' "$name" "$(openssl s_client -connect "127.0.0.1:$port" -servername localhost </dev/null 2>/dev/null |
       grep -m1 '^New,')"
@@ -679,7 +771,7 @@ measure() {
   for ((attempt = 1; attempt <= 1 + STEAL_RETRIES; attempt++)); do
     pre_run "$name"
     local pid upid t0 u0
-    pid=$(serving_pid "$name"); upid=$(upstream_pid)
+    pid=$(serving_pid "$name"); upid=$(upstream_pid "$name")
     t0=$(cpu_ticks "$pid"); u0=$(cpu_ticks "$upid")
     s0=$(steal_snapshot)
     "$runner" "$name" "$c" "$DURATION" "$out.try$attempt"
@@ -723,6 +815,7 @@ total=$(( REPS * $(wc -w <<< "$CONNS") * ${#CASES[@]} ))
 log "measuring: ${#CASES[@]} cases x c=[$CONNS] x $REPS reps, $DURATION each ($total runs, interleaved)"
 LONG_LIVED=(upstream nginx haproxy caddy); [[ "$PEERS_ONLY" == 1 ]] || LONG_LIVED+=(redis stub pc)
 [[ -z "${PID_OF[pc-mem]:-}" ]] || LONG_LIVED+=(pc-mem)
+[[ -z "${PID_OF[pc-gfc]:-}" ]] || LONG_LIVED+=(stub-cred stub-proxy pc-gfc pc-gfp)
 for ((rep = 1; rep <= REPS; rep++)); do
   for p in "${LONG_LIVED[@]}"; do alive_or_die "$p"; done
   for c in $CONNS; do
@@ -786,6 +879,18 @@ cpu_cell() {
 fmt_rps() { awk -v r="$1" 'BEGIN { if (r >= 1000) printf "%.1fk", r / 1000; else printf "%.0f", r }'; }
 fmt_ms() { awk -v m="$1" 'BEGIN { if (m >= 100) printf "%.0f", m; else if (m >= 10) printf "%.1f", m; else printf "%.2f", m }'; }
 
+run_notes() {  # run_notes NAME C: sets notes=() to what went wrong in the case's runs
+  notes=()
+  local bad errs stolen
+  bad=$(col "$1" "$2" 8 | awk '{s += $1} END {print s + 0}'); ((bad == 0)) || notes+=("$bad non-2xx!")
+  errs=$(col "$1" "$2" 9 | awk '{s += $1} END {print s + 0}'); ((errs == 0)) || notes+=("$errs socket errors")
+  stolen=$(col "$1" "$2" 11 | awk -v m="$MAX_STEAL" '$1 > m {n++} END {print n + 0}')
+  ((stolen == 0)) || notes+=("$stolen of $REPS runs kept with steal over ${MAX_STEAL}% (no quieter attempt)")
+}
+MAIN_CASES=(); E2E_CASES=()
+for name in "${CASES[@]}"; do
+  if [[ "$name" == grafana-* ]]; then E2E_CASES+=("$name"); else MAIN_CASES+=("$name"); fi
+done
 TABLE=$OUT/table.md
 {
   echo "Portcullis benchmark — $(date '+%Y-%m-%d %H:%M'), $DURATION runs, $REPS reps interleaved, servers on core $SERVER_CPU, wrk -t1 on core $CLIENT_CPU, HTTP/1.1 keep-alive"
@@ -793,17 +898,13 @@ TABLE=$OUT/table.md
   echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx TLS | CPU µs/req (vs nginx) | upstream CPU µs/req (vs nginx) | peak RSS | notes |"
   echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"
   for c in $CONNS; do
-    for name in "${CASES[@]}"; do
+    for name in "${MAIN_CASES[@]}"; do
       rps=$(col "$name" "$c" 4 | median); mn=$(col "$name" "$c" 4 | sort -g | head -1); mx=$(col "$name" "$c" 4 | sort -g | tail -1)
       p50=$(col "$name" "$c" 5 | median); p99=$(col "$name" "$c" 6 | median)
       base_name=nginx-tls; [[ "$name" != *-h2 ]] || base_name=nginx-tls-h2
       ratio=$(paired_ratio "$name" "$c" "$base_name" | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
       rss=${RSS_KIB[$name]:-0}; rss=$(awk -v k="$rss" 'BEGIN { if (k > 0) printf "%.1f MiB", k / 1024; else print "-" }')
-      notes=()
-      bad=$(col "$name" "$c" 8 | awk '{s += $1} END {print s + 0}'); ((bad == 0)) || notes+=("$bad non-2xx!")
-      errs=$(col "$name" "$c" 9 | awk '{s += $1} END {print s + 0}'); ((errs == 0)) || notes+=("$errs socket errors")
-      stolen=$(col "$name" "$c" 11 | awk -v m="$MAX_STEAL" '$1 > m {n++} END {print n + 0}')
-      ((stolen == 0)) || notes+=("$stolen of $REPS runs kept with steal over ${MAX_STEAL}% (no quieter attempt)")
+      run_notes "$name" "$c"
       case $name in
         portcullis-cold)
           notes+=("$(col "$name" "$c" 7 | median | cut -d. -f1) distinct tokens/run (of $TOKENS), each sent once, fresh gateway; merged: $MERGE_REQUESTS requests at c=256 with one new token made $MERGE_VERIFICATIONS verification") ;;
@@ -821,6 +922,31 @@ TABLE=$OUT/table.md
     done
   done
   echo
+  if ((${#E2E_CASES[@]})); then
+    echo "End to end through Grafana: the Grafana stand-in (PBKDF2, 10,000 iterations, for every password it checks, as Grafana) is the upstream, on the same core; wrk asks GET /api/user as admin. \"vs nginx\" and the brackets are paired per rep with nginx's TLS proxy forwarding the same credential to the stand-in (what PMM does today). Stand-in CPU is its own user + system time per request (all its threads: the hashing runs on its blocking pool); proxy CPU is the proxy's (nginx's worker, or the gateway)."
+    echo
+    echo "| case | c | req/s median (min..max) | p50 ms | p99 ms | vs nginx | stand-in CPU µs/req (vs nginx) | proxy CPU µs/req (vs nginx) | notes |"
+    echo "|---|---:|---|---:|---:|---:|---:|---:|---|"
+    for c in $CONNS; do
+      for name in "${E2E_CASES[@]}"; do
+        base_name=grafana-nginx-${name##*-}
+        rps=$(col "$name" "$c" 4 | median); mn=$(col "$name" "$c" 4 | sort -g | head -1); mx=$(col "$name" "$c" 4 | sort -g | tail -1)
+        ratio=$(paired_ratio "$name" "$c" "$base_name" | awk '{ if ($1 > 0) printf "%.2f", $1; else print "-" }')
+        run_notes "$name" "$c"
+        n=""; for x in "${notes[@]}"; do n+="${n:+; }$x"; done
+        echo "| $(describe "$name") | $c | $(fmt_rps "$rps") ($(fmt_rps "$mn")..$(fmt_rps "$mx")) | $(fmt_ms "$(col "$name" "$c" 5 | median)") | $(fmt_ms "$(col "$name" "$c" 6 | median)") | $ratio | $(cpu_cell "$name" "$c" "$base_name" 13) | $(cpu_cell "$name" "$c" "$base_name" 12) | $n |"
+      done
+    done
+    echo
+    if [[ " ${E2E_CASES[*]} " == *" grafana-credential-basic "* && " ${E2E_CASES[*]} " == *" grafana-auth-proxy-basic "* ]]; then
+      e2e=()
+      for c in $CONNS; do
+        e2e+=("c=$c: $(printf '%.2f' "$(paired_ratio grafana-auth-proxy-basic "$c" grafana-credential-basic)")x req/s, stand-in CPU per request $(printf '%.3f' "$(paired_ratio grafana-auth-proxy-basic "$c" grafana-credential-basic 13)")x")
+      done
+      echo "Basic, auth_proxy mode against credential mode, paired per rep: $(IFS=';'; echo "${e2e[*]}" | sed 's/;/; /g')"
+      echo
+    fi
+  fi
   if ((${#STEADY_CASES[@]} > 1)); then
     echo "Steady state: the same cases with latency_timeline (the repo's tokio + rustls closed loop, c connections, same pinning and steal rule), counting only requests started after each run's first second, when every connection's handshake is done:"
     echo
