@@ -312,6 +312,12 @@ impl InjectedHeaders {
     /// secret when one is configured.
     fn inject_for_auth_proxy(&self, headers: &mut HeaderMap, identity: &Identity, org_id: i64) {
         self.inject(headers, identity, org_id);
+        // Grafana syncs a role header into its `auto_assign_org_id` (1 by
+        // default), whatever org the user is in: a user outside it would be
+        // moved there and dropped from its own org.
+        if identity.role_in(1).is_none() {
+            headers.remove(&self.role);
+        }
         if let Some((name, value)) = &self.secret {
             headers.insert(name.clone(), value.clone());
         }

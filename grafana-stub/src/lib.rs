@@ -593,6 +593,22 @@ impl GrafanaStub {
         );
     }
 
+    /// Removes user `user_id` from org `org_id` (Grafana's `DELETE
+    /// /api/orgs/:orgId/users/:userId`): its current org moves to another
+    /// of its orgs; a user left in no org is deleted. Returns whether it
+    /// was a member.
+    pub fn remove_org_member(&self, org_id: i64, user_id: i64) -> bool {
+        let mut store = self.shared.store();
+        let member = store
+            .users
+            .get(&user_id)
+            .is_some_and(|u| u.orgs.contains_key(&org_id));
+        if member {
+            store.remove_org_member(org_id, user_id);
+        }
+        member
+    }
+
     /// Adds a `glsa_` token to a service account; returns its id and the token.
     pub fn add_sa_token(&self, sa_id: i64, name: &str, seconds_to_live: Option<i64>) -> (i64, String) {
         let token = SaToken::generate();

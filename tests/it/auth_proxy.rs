@@ -571,6 +571,122 @@ async fn two_org_user(mode: GrafanaMode, send_role: bool) {
     }
 }
 
+/// `identity.send_role` for a user of one org that is not Grafana's
+/// `auto_assign_org_id` (1): Grafana would sync the role into org 1 and
+/// remove the user from its own org. No role header may go then either.
+#[tokio::test]
+async fn a_single_org_user_outside_org_one_keeps_its_org() {
+    let stub =
+        GrafanaStub::start_with(stub_options(Flavor::Grafana11, |o| o.auth_proxy_role_sync = true)).await;
+    let solo = stub.add_user("solo", "solo-pw-1", "Viewer", false);
+    let ops = stub.add_org("Ops");
+    stub.add_org_member(ops, solo, "Editor");
+    assert!(stub.remove_org_member(1, solo));
+    assert_eq!(stub.user_current_org(solo), Some(ops));
+    let gw = gateway(&stub, Profile::Grafana, GrafanaMode::AuthProxy, |config| {
+        config.identity.send_role = true;
+    })
+    .await;
+    stub.record_requests(true);
+    let cred = Cred::Basic("solo".into(), "solo-pw-1".into());
+    let (status, body) = send(&gw, "GET", "/api/org", &cred, None).await;
+    assert_eq!(status, 200, "{body}");
+    let seen = stub.recorded_requests();
+    assert_eq!(
+        stub.user_orgs(solo),
+        BTreeMap::from([(ops, "Editor".to_owned())]),
+        "the user's only org is kept; role headers sent: {:?}",
+        seen.iter()
+            .filter_map(|s| s.header("x-webauth-role"))
+            .collect::<Vec<_>>()
+    );
+    let org: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(org["id"], ops, "answered in the user's own org");
+
+    // A user of org 1 alone gets its role synced, as asked.
+    let main = stub.add_user("main", "main-pw-1", "Editor", false);
+    stub.record_requests(true);
+    let cred = Cred::Basic("main".into(), "main-pw-1".into());
+    let (status, _) = send(&gw, "GET", "/api/org", &cred, None).await;
+    assert_eq!(status, 200);
+    let seen = stub.recorded_requests();
+    let forwarded: Vec<&SeenRequest> = seen.iter().filter(|s| is_forwarded(s)).collect();
+    assert_eq!(forwarded.len(), 1);
+    assert_eq!(forwarded[0].header("x-webauth-role"), Some("Editor"));
+    assert_eq!(stub.user_orgs(main), BTreeMap::from([(1, "Editor".to_owned())]));
+}
+
+/// `[auth.proxy] shared_secret`: the gateway sends it from
+/// `identity.shared_secret_file` with every proxy identity (and never with
+/// a credential); identity and secret headers a client sends are dropped.
+#[tokio::test]
+async fn the_shared_secret_goes_with_the_identity_and_clients_cannot_spoof_either() {
+    let stub = GrafanaStub::start_with(stub_options(Flavor::Grafana11, |o| {
+        o.auth_proxy_shared_secret = Some("s3cret-from-file".into())
+    }))
+    .await;
+    stub.add_user("alice", "alice-pw-1", "Viewer", false);
+    let sa = stub.add_service_account("robot", "Viewer");
+    let (_, token) = stub.add_sa_token(sa, "t", None);
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret_file = secret_dir.path().join("proxy-secret");
+    std::fs::write(&secret_file, "s3cret-from-file\n").unwrap();
+    let gw = gateway(&stub, Profile::Grafana, GrafanaMode::AuthProxy, |config| {
+        config.identity.shared_secret_file = Some(secret_file.clone());
+    })
+    .await;
+    let spoof = |r: RequestBuilder| {
+        r.header("X-WEBAUTH-USER", "admin")
+            .header("X-Webauth-Secret", "s3cret-from-file")
+            .header("x_webauth_role", "Admin")
+    };
+    stub.record_requests(true);
+    for (cred, login, via) in [
+        (
+            Some(Cred::Basic("alice".into(), "alice-pw-1".into())),
+            "alice",
+            AuthClient::AuthProxy,
+        ),
+        (Some(Cred::Bearer(token.clone())), "sa-robot", AuthClient::ApiKey),
+    ] {
+        let cred = cred.unwrap();
+        let response = spoof(cred.apply(client().get(format!("{}/api/user", gw.url))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let user: Value = response.json().await.unwrap();
+        assert_eq!(user["login"], login);
+        let seen = stub.recorded_requests();
+        let last = seen.iter().rev().find(|s| is_forwarded(s)).unwrap();
+        assert_eq!(
+            last.authn,
+            Some(Authn::SignedIn {
+                client: via,
+                login: login.into()
+            })
+        );
+        match via {
+            AuthClient::AuthProxy => {
+                assert_eq!(last.header("x-webauth-secret"), Some("s3cret-from-file"));
+                assert_eq!(last.header("x-webauth-user"), Some("alice"));
+            }
+            _ => assert!(!last.has_identity_headers(), "{:?}", last.headers),
+        }
+        assert_eq!(last.header("x_webauth_role"), None);
+    }
+    // Anonymous routes: the spoofed headers never arrive.
+    let response = spoof(client().get(format!("{}/api/health", gw.url)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = stub.recorded_requests();
+    let last = seen.iter().rev().find(|s| s.path == "/api/health").unwrap();
+    assert!(!last.has_identity_headers(), "{:?}", last.headers);
+    assert_eq!(stub.user_count(), 2);
+}
+
 /// In auth-proxy mode a Basic request reaches Grafana without
 /// `Authorization`, and Grafana hashes no password for it; in credential
 /// mode it hashes one per request. Both profiles: PMM's `/graph` is
