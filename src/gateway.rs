@@ -2,6 +2,7 @@
 //! headers → normalise → route → credential → identity → policy → forward →
 //! revoke on success. Each refusal is one `Refusal` variant with one answer.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -357,6 +358,28 @@ struct Outcomes<'g> {
     upstream_time: Option<Duration>,
 }
 
+/// What the phases learn about one request, in the order they learn it.
+/// `'r` is the request target the normalised path may borrow from.
+struct Ctx<'g, 'r> {
+    route: &'g Route,
+    host_value: Option<HeaderValue>,
+    credential: Option<Credential>,
+    /// `X-Grafana-Org-Id` / `targetOrgId`.
+    requested_org: Option<i64>,
+    /// The normalised path as the upstream receives it.
+    upstream_path: Cow<'r, str>,
+    /// A call that changes what cached identities say, if this is one.
+    call: Option<ManagementCall>,
+    rotation: bool,
+    cache_key: Option<CacheKey>,
+    /// The verified identity and the org the request runs in.
+    judged: Option<(Arc<Identity>, i64)>,
+    /// Who makes a revoking call, when that could be learnt.
+    caller: Option<Arc<Identity>>,
+    /// The client address as the shield and the audit trail count it.
+    client: IpAddr,
+}
+
 /// `X-Request-Id`: kept from a trusted proxy, made here otherwise.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -538,12 +561,36 @@ impl Gateway {
         response
     }
 
+    /// The phases a request meets, in order, over one context: request
+    /// filter (method, head, path, route, credential, org) → identity and
+    /// policy → upstream request → forward → response filter. The access
+    /// log and the audit trail are `handle`'s last phase.
     async fn pass<'g>(
         &'g self,
         mut request: Request<Incoming>,
         peer: &Peer,
         outcomes: &mut Outcomes<'g>,
     ) -> Result<Response<Body>, Refusal> {
+        // A clone of the target (reference counts, no copy) lets the
+        // normalised path borrow it while the request is rewritten.
+        let target = request.uri().clone();
+        let mut ctx = self.request_filter(&request, &target, outcomes)?;
+        self.authenticate(&mut ctx, &request, peer, outcomes).await?;
+        let client_upgrade = self.upstream_request(&mut request, &ctx, peer)?;
+        let mut response = self
+            .forward(request, client_upgrade, &ctx, peer, outcomes)
+            .await?;
+        self.response_filter(&mut response, ctx, outcomes).await;
+        Ok(response)
+    }
+
+    /// Request filter: what the request asks for, read once.
+    fn request_filter<'g, 'r>(
+        &'g self,
+        request: &Request<Incoming>,
+        target: &'r http::Uri,
+        outcomes: &mut Outcomes<'g>,
+    ) -> Result<Ctx<'g, 'r>, Refusal> {
         // TRACE would echo the caller's credentials back through any
         // upstream that answers it.
         if request.method() == Method::TRACE || request.method().as_str() == "TRACK" {
@@ -559,13 +606,9 @@ impl Gateway {
         if head_bytes > self.max_header_bytes {
             return Err(Refusal::HeadTooLarge);
         }
-        // A clone of the target (reference counts, no copy) lets the
-        // normalised path borrow it while the request is rewritten.
-        let target = request.uri().clone();
         let path = normalise(target.path())?;
         let host_value = request.headers().get(header::HOST).cloned().or_else(|| {
-            request
-                .uri()
+            target
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
@@ -580,22 +623,50 @@ impl Gateway {
         let credential = Credential::from_headers(request.headers(), &self.session_cookie)?;
         outcomes.credential = credential.as_ref().map(Credential::kind);
         let requested_org = org::requested(request.headers(), target.query())?;
-        let upstream_path = route.upstream_path(&path.encoded);
+        let upstream_path = match path.encoded {
+            Cow::Borrowed(encoded) => route.upstream_path(encoded),
+            Cow::Owned(encoded) => Cow::Owned(route.upstream_path(&encoded).into_owned()),
+        };
         let call = ManagementCall::recognise(request.method(), &upstream_path);
-        // Grafana's rotation endpoints read the cookie themselves, and a
-        // browser refused there is logged out: no route rule applies.
-        let rotation = call == Some(ManagementCall::RotateSession);
+        Ok(Ctx {
+            route,
+            host_value,
+            credential,
+            requested_org,
+            upstream_path,
+            call,
+            // Grafana's rotation endpoints read the cookie themselves, and a
+            // browser refused there is logged out: no route rule applies.
+            rotation: call == Some(ManagementCall::RotateSession),
+            cache_key: None,
+            judged: None,
+            caller: None,
+            client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        })
+    }
 
-        let mut cache_key = None;
-        // The identity the route was judged with, and the org it runs in.
-        let mut judged = None;
-        let mut checked_password = None;
-        if route.min_role != Role::None && !rotation {
-            let Some(credential) = &credential else {
-                return Err(self.unauthenticated(&request, Refusal::NoCredential));
+    /// Identity and policy: who is calling (cache, else the verifier behind
+    /// the lock-out shield) and whether the route lets them in.
+    async fn authenticate(
+        &self,
+        ctx: &mut Ctx<'_, '_>,
+        request: &Request<Incoming>,
+        peer: &Peer,
+        outcomes: &mut Outcomes<'_>,
+    ) -> Result<(), Refusal> {
+        let route = ctx.route;
+        // The client address matters only to the shield and the audit of a
+        // revoking call: worked out for those alone.
+        ctx.client = match ctx.call {
+            Some(_) => self.client_ip(peer, request.headers()),
+            None => peer.addr.ip(),
+        };
+        if route.min_role != Role::None && !ctx.rotation {
+            let Some(credential) = &ctx.credential else {
+                return Err(self.unauthenticated(request, Refusal::NoCredential));
             };
             let key = self.cache.keyer.key(credential);
-            cache_key = Some(key);
+            ctx.cache_key = Some(key);
             let (outcome, source) = self
                 .cache
                 .resolve(key, || {
@@ -611,7 +682,7 @@ impl Gateway {
                         DenyReason::Invalid | DenyReason::Disabled => Refusal::Refused,
                     };
                     return Err(match credential {
-                        Credential::Session { .. } => self.unauthenticated(&request, refusal),
+                        Credential::Session { .. } => self.unauthenticated(request, refusal),
                         _ => refusal,
                     });
                 }
@@ -621,7 +692,7 @@ impl Gateway {
                 // Resolve only hands out fresh entries; this guards the clock.
                 return Err(Refusal::Refused);
             }
-            let org_id = requested_org.unwrap_or(identity.org_id);
+            let org_id = ctx.requested_org.unwrap_or(identity.org_id);
             let role = identity.role_in(org_id).ok_or(Refusal::NotInOrg(org_id))?;
             let role = if identity.grafana_admin {
                 Role::GrafanaAdmin
@@ -631,15 +702,16 @@ impl Gateway {
             if role < route.min_role {
                 return Err(Refusal::Forbidden);
             }
-            judged = Some((identity, org_id));
+            ctx.caller = Some(identity.clone());
+            ctx.judged = Some((identity, org_id));
         } else if let Some(password @ Credential::Password { .. }) =
-            credential.as_ref().filter(|_| route.forward_credentials)
+            ctx.credential.as_ref().filter(|_| route.forward_credentials)
         {
             // A password on its way to Grafana unjudged (an anonymous route):
             // every wrong one Grafana saw would count towards locking its
             // user out, so it is checked here, behind the shield, first.
             let key = self.cache.keyer.key(password);
-            cache_key = Some(key);
+            ctx.cache_key = Some(key);
             let client = self.client_ip(peer, request.headers());
             let (outcome, source) = self
                 .cache
@@ -647,78 +719,88 @@ impl Gateway {
                 .await?;
             outcomes.source = Some(source);
             match outcome {
-                Outcome::Allowed(identity) => checked_password = Some(identity),
+                // As verified as a judged one: towards Grafana's auth proxy
+                // it goes as the user too.
+                Outcome::Allowed(identity) => {
+                    let org_id = ctx.requested_org.unwrap_or(identity.org_id);
+                    ctx.caller = Some(identity.clone());
+                    ctx.judged = Some((identity, org_id));
+                }
                 Outcome::Denied(_) => return Err(Refusal::Refused),
             }
         }
-        // A password checked on an anonymous route is as verified as a
-        // judged one: towards Grafana's auth proxy it goes as the user too.
-        let checked = checked_password
-            .as_ref()
-            .map(|identity| (identity.clone(), requested_org.unwrap_or(identity.org_id)));
         // A call that revokes the caller's own credentials on a route that
         // needs none (PMM's `/graph`): learn who calls before forwarding,
         // while the credential still works. Grafana judges the call itself,
         // so a failed look-up does not stop it.
-        let mut caller = judged
-            .as_ref()
-            .map(|(identity, _)| identity.clone())
-            .or(checked_password);
-        let client = match call {
-            Some(_) => self.client_ip(peer, request.headers()),
-            None => peer.addr.ip(),
-        };
-        if caller.is_none() && call.is_some_and(ManagementCall::needs_caller) {
-            caller = Box::pin(self.identify(credential.as_ref(), client)).await;
+        if ctx.caller.is_none() && ctx.call.is_some_and(ManagementCall::needs_caller) {
+            ctx.caller = Box::pin(self.identify(ctx.credential.as_ref(), ctx.client)).await;
         }
+        Ok(())
+    }
 
-        // Upstream request phase.
+    /// Upstream request: its target, hop-by-hop and forwarding headers, and
+    /// towards Grafana the credential or an identity, never both.
+    fn upstream_request(
+        &self,
+        request: &mut Request<Incoming>,
+        ctx: &Ctx<'_, '_>,
+        peer: &Peer,
+    ) -> Result<Option<hyper::upgrade::OnUpgrade>, Refusal> {
+        let route = ctx.route;
         let base = route.upstream.as_ref().unwrap_or(&self.default_upstream);
-        let uri = proxy::upstream_uri(base, &upstream_path, request.uri().query())
+        let uri = proxy::upstream_uri(base, &ctx.upstream_path, request.uri().query())
             .map_err(|e| Refusal::Internal(e.to_string()))?;
-        let upgrade = proxy::is_upgrade(&request);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let upgrade = proxy::is_upgrade(request);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
         // Room for the three forwarding and five identity headers at once:
         // a map sized for the client's few headers would otherwise grow twice.
         headers.reserve(8);
         proxy::strip_hop_by_hop(headers, upgrade);
-        proxy::set_forwarded(headers, peer, host_value.as_ref());
-        if host_value.is_some() && !headers.contains_key(header::HOST) {
+        proxy::set_forwarded(headers, peer, ctx.host_value.as_ref());
+        if !headers.contains_key(header::HOST) {
             // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams want Host.
-            if let Some(h) = host_value.clone() {
+            if let Some(h) = ctx.host_value.clone() {
                 headers.insert(header::HOST, h);
             }
         }
-        self.credentials_for_upstream(headers, route, credential.as_ref(), rotation);
+        self.credentials_for_upstream(headers, route, ctx.credential.as_ref(), ctx.rotation);
         // An account Grafana did not name (a token on 10.4) is no identity:
         // every such token would become the same user.
-        let identity = judged.as_ref().filter(|(i, _)| i.is_named());
+        let identity = ctx.judged.as_ref().filter(|(i, _)| i.is_named());
         if route.grafana {
-            // Towards Grafana: the credential or an identity, never both.
             // Grafana checks a credential before its auth proxy, and when it
             // refuses one the proxy headers would sign the request in.
-            let verified = identity.or(checked.as_ref().filter(|(i, _)| i.is_named()));
-            if let (GrafanaMode::AuthProxy, Some((identity, org_id))) = (self.grafana_mode, verified) {
+            if let (GrafanaMode::AuthProxy, Some((identity, org_id))) = (self.grafana_mode, identity) {
                 // Tokens and keys cannot be proxy users; the session calls
                 // read the cookie themselves.
-                if identity.is_user() && !reads_session_cookie(&upstream_path) {
+                if identity.is_user() && !reads_session_cookie(&ctx.upstream_path) {
                     headers.remove(header::AUTHORIZATION);
                     remove_cookie(headers, &self.session_cookie);
                     self.injected.inject_for_auth_proxy(headers, identity, *org_id);
                 }
             }
-        } else if route.inject_identity {
+        } else if route.inject_identity && route.min_role != Role::None {
             if let Some((identity, org_id)) = identity {
                 self.injected.inject(headers, identity, *org_id);
             }
         }
+        Ok(client_upgrade)
+    }
 
-        let method = request.method().clone();
-        // Grafana's login form is a door to its lock-out like Basic is: its
-        // password is weighed by the shield before Grafana sees it.
-        let (request, login) = if shield::is_login_form(&method, &upstream_path) {
+    /// Forward: Grafana's login form is a door to its lock-out like Basic
+    /// is, so its password is weighed by the shield before Grafana sees it.
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        ctx: &Ctx<'_, '_>,
+        peer: &Peer,
+        outcomes: &mut Outcomes<'_>,
+    ) -> Result<Response<Body>, Refusal> {
+        let (request, login) = if shield::is_login_form(request.method(), &ctx.upstream_path) {
             let client = self.client_ip(peer, request.headers());
             Box::pin(self.read_login_form(request, client)).await?
         } else {
@@ -734,8 +816,19 @@ impl Gateway {
             };
             self.shield.settle(admission, checked).await;
         }
-        let mut response = forwarded?;
         outcomes.upstream_time = forward_started.map(|t| t.elapsed());
+        Ok(forwarded?)
+    }
+
+    /// Response filter: PMM's cookie paths, a cache that Grafana contradicts,
+    /// and what a successful management call revoked.
+    async fn response_filter(
+        &self,
+        response: &mut Response<Body>,
+        ctx: Ctx<'_, '_>,
+        outcomes: &Outcomes<'_>,
+    ) {
+        let route = ctx.route;
         if self.profile == Profile::Pmm && route.grafana {
             // PMM's Grafana sets its cookies on its sub path; PMM's front
             // door hands them to the whole site, or the session would never
@@ -748,30 +841,26 @@ impl Gateway {
         {
             // Grafana changed its mind about a credential the cache allowed
             // (revoked or disabled there directly): forget it everywhere.
-            if let Some(key) = cache_key {
+            if let Some(key) = ctx.cache_key {
                 Box::pin(self.cache.invalidate(&[Eviction::Key(key)])).await;
             }
         }
-
-        // Response phase: a management call that succeeded may have revoked
-        // what the cache holds.
-        if let Some(call) = call {
+        if let Some(call) = ctx.call {
             if response.status().is_success() || response.status().is_redirection() {
                 // Boxed: the rare revoking call should not make every
                 // request's future (moved on each request) larger.
-                let request = (&outcomes.request_id, client, response.status());
+                let request = (&outcomes.request_id, ctx.client, response.status());
                 Box::pin(self.revoke_after(
                     call,
-                    &upstream_path,
-                    caller,
-                    cache_key,
-                    credential.as_ref(),
+                    &ctx.upstream_path,
+                    ctx.caller,
+                    ctx.cache_key,
+                    ctx.credential.as_ref(),
                     request,
                 ))
                 .await;
             }
         }
-        Ok(response)
     }
 
     /// Reads a login form (bounded) and admits its password through the
