@@ -1,6 +1,7 @@
-//! The request path, one phase after another (DESIGN.md): strip spoofable
-//! headers → normalise → route → credential → identity → policy → forward →
-//! revoke on success. Each refusal is one `Refusal` variant with one answer.
+//! The request path, one phase after another (docs/design.md, "The request
+//! path"): strip spoofable headers → normalise → route → credential →
+//! identity → policy → forward → revoke on success. Each refusal is one
+//! `Refusal` variant with one answer.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};

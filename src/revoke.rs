@@ -1,5 +1,5 @@
-//! Which management calls change what a cached identity says (GRAFANA.md's
-//! table), and so what must be forgotten when one succeeds.
+//! Which management calls change what a cached identity says (docs/grafana.md,
+//! "Management endpoints"), and so what must be forgotten when one succeeds.
 
 use http::Method;
 

@@ -391,7 +391,7 @@ fn candidate(shared: &Shared, login: &str) -> Candidate {
             stored: u.password_hash.clone(),
         },
         None => {
-            // GRAFANA.md: every failed login counts, known user or not.
+            // docs/grafana.md, "Lock-out": every failed login counts, known user or not.
             store.record_failed_login(login, now);
             Candidate::Unknown
         }

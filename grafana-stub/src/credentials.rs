@@ -1,5 +1,5 @@
 //! Credential formats exactly as Grafana builds and checks them
-//! (GRAFANA.md, "Credential formats"): PBKDF2 password encoding, legacy API
+//! (docs/grafana.md, "Credential formats"): PBKDF2 password encoding, legacy API
 //! keys, `glsa_` service-account tokens and session-token hashing.
 
 use base64::alphabet;
@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn grafana_token_vector() {
-        // From Grafana's own satokengen tests (GRAFANA.md).
+        // From Grafana's own satokengen tests (docs/grafana.md, "Credential formats").
         let token = SaToken::decode("glsa_iNValIdinValiDinvalidinvalidinva_5b582697").expect("well-formed");
         assert_eq!(token.secret, "iNValIdinValiDinvalidinvalidinva");
         assert_eq!(

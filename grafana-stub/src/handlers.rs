@@ -1,5 +1,5 @@
 //! The HTTP surface: Grafana's identity and management endpoints as
-//! GRAFANA.md lists them, `/login` and `/logout`, pmm-managed's version
+//! docs/grafana.md lists them, `/login` and `/logout`, pmm-managed's version
 //! endpoint, and an echo for everything the gateway merely proxies.
 
 use std::collections::BTreeMap;

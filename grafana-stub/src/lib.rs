@@ -1,6 +1,6 @@
 //! A Grafana / PMM stand-in for Portcullis' tests: the upstream the gateway
 //! forwards to and the judge it asks about credentials. It follows
-//! `shared/GRAFANA.md` to the letter — credential formats, PBKDF2 costs,
+//! `docs/grafana.md` to the letter — credential formats, PBKDF2 costs,
 //! answers and status codes — so that the gateway is tested against what a
 //! real Grafana does, not against what the gateway expects.
 //!
@@ -40,7 +40,7 @@ use crate::store::{Role, Store};
 pub use crate::store::{ORG_ID, ORG_NAME};
 
 /// Which Grafana the stand-in imitates; they differ in how tokens can ask
-/// who they are (GRAFANA.md, "Asking Grafana who a credential is").
+/// who they are (docs/grafana.md, "Asking Grafana who a credential is").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Flavor {
     /// PMM 3's Grafana 11: `/api/auth/serviceaccount`, `pmm_session`, the
@@ -140,7 +140,8 @@ pub struct StubOptions {
     /// from every other org** (`sync/org_sync.go` `SyncOrgRolesHook`; an org
     /// where the user is the last admin is kept, `ErrLastOrgAdmin`); the
     /// user's current org becomes `auto_assign_org_id`. Off by default, as
-    /// in Grafana's `headers =` (and GRAFANA.md's recommended settings).
+    /// in Grafana's `headers =` (and the settings in docs/grafana.md, "Grafana
+    /// behind an authenticating proxy").
     pub auth_proxy_role_sync: bool,
     /// `[auth.proxy] shared_secret` (sent in `X-WEBAUTH-SECRET`, Grafana's
     /// `shared_secret_header` default): when set, a request whose header is

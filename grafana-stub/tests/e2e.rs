@@ -1,4 +1,4 @@
-//! The stand-in over real HTTP: the answers GRAFANA.md gives, per flavor.
+//! The stand-in over real HTTP: the answers docs/grafana.md gives, per flavor.
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! The credential a request carries, read from its headers exactly as Grafana
-//! and PMM read them (see GRAFANA.md). Nothing here logs or prints a secret:
+//! and PMM read them (docs/grafana.md, "Credential formats" and "Which header
+//! forms Grafana accepts"). Nothing here logs or prints a secret:
 //! `Debug` is written by hand for that reason.
 
 use std::fmt;

@@ -1,5 +1,6 @@
 //! Grafana as the judge: asks the upstream Grafana who a credential belongs to,
-//! using only the header that carries it (GRAFANA.md, "Asking Grafana").
+//! using only the header that carries it (docs/grafana.md, "Asking Grafana who
+//! a credential is").
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
