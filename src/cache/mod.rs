@@ -77,7 +77,6 @@ pub struct Cache {
     /// Bumped by every invalidation: a verification that started before one
     /// must not write its (possibly stale) answer into the cache.
     generation: AtomicU64,
-    pub stats: CacheStats,
     /// L2 and the eviction bus, when `cache.redis` is configured.
     shared: Option<Arc<Shared>>,
     /// Write-throughs to Redis hold a read guard; an eviction takes the
@@ -91,13 +90,6 @@ pub struct Cache {
     retired: DashMap<CacheKey, u64>,
 }
 
-#[derive(Default)]
-pub struct CacheStats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub verifications: AtomicU64,
-    pub invalidations: AtomicU64,
-}
 
 impl Cache {
     pub fn new(config: &CacheConfig, keyer: Keyer) -> Cache {
@@ -108,7 +100,6 @@ impl Cache {
             ttl: config.ttl,
             negative_ttl: config.negative_ttl,
             generation: AtomicU64::new(0),
-            stats: CacheStats::default(),
             shared: None,
             writes: RwLock::new(()),
             waiters: DashMap::new(),
@@ -145,7 +136,6 @@ impl Cache {
         Fut: Future<Output = Result<Verdict, VerifyError>>,
     {
         if let Some(outcome) = self.local.get(&key, now_ms()) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok((outcome, Source::Local));
         }
         // Boxed: a hit should not carry the size of a Redis lookup and a
@@ -158,7 +148,6 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Verdict, VerifyError>>,
     {
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let flight = self
             .inflight
             .entry(key)
@@ -175,7 +164,6 @@ impl Cache {
                 let generation = self.generation.load(Ordering::SeqCst);
                 if self.is_retired(&key) {
                     source = Source::Verifier;
-                    self.stats.verifications.fetch_add(1, Ordering::Relaxed);
                     return Ok(outcome_of(verify().await?, self.ttl));
                 }
                 if let Some(shared) = &self.shared {
@@ -188,7 +176,6 @@ impl Cache {
                     }
                 }
                 source = Source::Verifier;
-                self.stats.verifications.fetch_add(1, Ordering::Relaxed);
                 let verdict = verify().await?;
                 let outcome = self.store(key, verdict, generation);
                 if let (Some(shared), Outcome::Allowed(identity)) = (&self.shared, &outcome) {
@@ -266,7 +253,6 @@ impl Cache {
     /// verifications in flight from caching their answers.
     fn evict_local(&self, evictions: &[Eviction]) -> usize {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         evictions
             .iter()
             .map(|eviction| match *eviction {
@@ -371,23 +357,6 @@ impl Cache {
             shared.stats.evictions_unconfirmed.fetch_add(1, Ordering::Relaxed);
         }
         confirmed
-    }
-
-    /// Drops one credential from this process's memory only.
-    pub fn invalidate_key(&self, key: &CacheKey) {
-        self.evict_local(&[Eviction::Key(*key)]);
-    }
-
-    /// Drops every credential of one principal, or of a whole kind when
-    /// `principal.id` is 0, from this process's memory only.
-    pub fn invalidate_principal(&self, principal: Principal) -> usize {
-        self.evict_local(&[Eviction::Principal(principal)])
-    }
-
-    /// Drops every credential that authenticated one way, from this
-    /// process's memory only.
-    pub fn invalidate_method(&self, method: AuthMethod) -> usize {
-        self.evict_local(&[Eviction::Method(method)])
     }
 
     /// Forgets every memory entry (Redis keeps its own).
