@@ -2,7 +2,6 @@
 //! `/readyz`, `/metrics`.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +10,19 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
 use crate::cache::Cache;
 use crate::http::json_response;
-use crate::metrics::{write_metric, Metrics};
+use crate::metrics::{encode_family, encode_one, Metrics, Process};
+use crate::shield::Shield;
+use crate::tls::CertResolver;
 
 /// The admin listener's answers: always whole.
 type Body = http_body_util::Full<bytes::Bytes>;
@@ -129,10 +136,43 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub cache: Arc<Cache>,
-    pub shield: Arc<crate::shield::Shield>,
+    pub shield: Arc<Shield>,
+    /// Built once: the gateway's families, the state read at scrape time
+    /// ([`State`]) and the process' own.
+    registry: Registry,
 }
 
+/// OpenMetrics' `Content-Type`, for scrapers that ask for it (Prometheus
+/// does); everyone else gets Prometheus' text format.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 impl Admin {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        cache: Arc<Cache>,
+        shield: Arc<Shield>,
+        certificate: Arc<CertResolver>,
+    ) -> Admin {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Process));
+        let ours = registry.sub_registry_with_prefix("portcullis");
+        ours.register_collector(Box::new(metrics.clone()));
+        ours.register_collector(Box::new(State {
+            readiness: readiness.clone(),
+            cache: cache.clone(),
+            shield: shield.clone(),
+            certificate,
+        }));
+        Admin {
+            metrics,
+            readiness,
+            cache,
+            shield,
+            registry,
+        }
+    }
+
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         match request.uri().path() {
             "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "alive"})),
@@ -141,10 +181,17 @@ impl Admin {
                 json_response(status, &body)
             }
             "/metrics" => {
-                let mut response = Response::new(Body::from(self.render_metrics()));
+                let openmetrics = request
+                    .headers()
+                    .get_all(http::header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("application/openmetrics-text"));
+                let (text, content_type) = self.render_metrics(openmetrics);
+                let mut response = Response::new(Body::from(text));
                 response.headers_mut().insert(
                     http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    http::HeaderValue::from_static(content_type),
                 );
                 response
             }
@@ -155,68 +202,25 @@ impl Admin {
         }
     }
 
-    fn render_metrics(&self) -> String {
-        let m = &self.metrics;
-        let mut out = String::with_capacity(1024);
-        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
-            write_metric(&mut out, "counter", name, help, samples)
+    /// Every family, in OpenMetrics or in Prometheus' text format (0.0.4),
+    /// with its `Content-Type`.
+    pub fn render_metrics(&self, openmetrics: bool) -> (String, &'static str) {
+        let mut out = String::with_capacity(16 * 1024);
+        let encoded = if openmetrics {
+            prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        } else {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
         };
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(
-            "portcullis_responses_total",
-            "Responses by status class.",
-            &[
-                ("{class=\"2xx\"}", load(&m.responses_2xx)),
-                ("{class=\"3xx\"}", load(&m.responses_3xx)),
-                ("{class=\"4xx\"}", load(&m.responses_4xx)),
-                ("{class=\"5xx\"}", load(&m.responses_5xx)),
-            ],
-        );
-        counter(
-            "portcullis_identity_lookups_total",
-            "Credential lookups by where the answer came from.",
-            &[
-                ("{source=\"cache\"}", load(&m.cache_hits)),
-                ("{source=\"redis\"}", load(&m.redis_hits)),
-                ("{source=\"verifier\"}", load(&m.verifications)),
-            ],
-        );
-        counter(
-            "portcullis_revocations_total",
-            "Cache invalidations caused by management calls.",
-            &[("", load(&m.revocations))],
-        );
-        counter(
-            "portcullis_connections_refused_total",
-            "Connections closed at accept because server.max_connections was reached.",
-            &[("", load(&m.connections_refused))],
-        );
-        let shield = &self.shield.stats;
-        counter(
-            "portcullis_failed_checks_total",
-            "Credentials Grafana refused that the gateway had sent it to check (each counts towards Grafana's lock-out when it is a password).",
-            &[("", load(&shield.failures))],
-        );
-        counter(
-            "portcullis_throttled_total",
-            "Checks held back by the lock-out shield, by whose failure budget was used up.",
-            &[
-                ("{budget=\"login\"}", load(&shield.login_throttled)),
-                ("{budget=\"client\"}", load(&shield.client_throttled)),
-            ],
-        );
-        self.cache.render_metrics(&mut out);
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_cache_entries Identities held in memory.\n# TYPE portcullis_cache_entries gauge\nportcullis_cache_entries {}",
-            self.cache.len()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_connections_open Client connections open.\n# TYPE portcullis_connections_open gauge\nportcullis_connections_open {}",
-            load(&m.connections_open)
-        );
-        out
+        if let Err(e) = encoded {
+            // Only a writer's error, and a String's never fails.
+            tracing::warn!(error = %e, "cannot encode the metrics");
+        }
+        let content_type = if openmetrics {
+            OPENMETRICS
+        } else {
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+        };
+        (out, content_type)
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: Shutdown) {
@@ -243,5 +247,119 @@ impl Admin {
                     .await;
             });
         }
+    }
+}
+
+/// What other rooms hold, read at scrape time: the identity cache, the
+/// lock-out shield, Redis and the certificate being served.
+struct State {
+    readiness: Arc<Readiness>,
+    cache: Arc<Cache>,
+    shield: Arc<Shield>,
+    certificate: Arc<CertResolver>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").finish_non_exhaustive()
+    }
+}
+
+impl Collector for State {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let counter = |a: &AtomicU64| ConstCounter::new(load(a));
+        encode_one(
+            e,
+            "cache_entries",
+            "Identities held in memory.",
+            None,
+            &ConstGauge::new(self.cache.len() as u64),
+        )?;
+        let shield = &self.shield.stats;
+        encode_one(
+            e,
+            "failed_checks",
+            "Credentials Grafana refused that the gateway had sent it to check (each counts towards \
+             Grafana's lock-out when it is a password).",
+            None,
+            &counter(&shield.failures),
+        )?;
+        encode_family(
+            e,
+            "throttled",
+            "Checks held back by the lock-out shield, by whose failure budget was used up.",
+            None,
+            MetricType::Counter,
+            [
+                ([("budget", "login")], counter(&shield.login_throttled)),
+                ([("budget", "client")], counter(&shield.client_throttled)),
+            ],
+        )?;
+        let redis = self.readiness.redis();
+        encode_family(
+            e,
+            "redis_state",
+            "Redis as /readyz reports it: 1 for the current state (degraded: commands or the \
+             eviction bus unusable, the gateway goes on without them).",
+            None,
+            MetricType::Gauge,
+            [
+                ("not_configured", RedisState::NotConfigured),
+                ("up", RedisState::Up),
+                ("degraded", RedisState::Degraded),
+            ]
+            .map(|(name, state)| ([("state", name)], ConstGauge::new(i64::from(redis == state)))),
+        )?;
+        if let Some(shared) = self.cache.shared() {
+            let s = &shared.stats;
+            for (name, help, value) in [
+                ("redis_hits", "Identities found in Redis.", &s.hits),
+                ("redis_misses", "Redis lookups that found nothing.", &s.misses),
+                ("redis_writes", "Identities written to Redis.", &s.writes),
+                ("redis_errors", "Redis calls that failed or timed out.", &s.errors),
+                (
+                    "redis_skipped",
+                    "Redis calls skipped while Redis was down.",
+                    &s.skipped,
+                ),
+                ("redis_reconnects", "Reconnections to Redis.", &s.reconnects),
+                (
+                    "evictions_published",
+                    "Evictions published on the bus.",
+                    &s.evictions_published,
+                ),
+                (
+                    "evictions_received",
+                    "Evictions received from the bus and applied.",
+                    &s.evictions_received,
+                ),
+                (
+                    "evictions_unconfirmed",
+                    "Broadcasts not confirmed by every replica in time.",
+                    &s.evictions_unconfirmed,
+                ),
+            ] {
+                encode_one(e, name, help, None, &counter(value))?;
+            }
+            encode_one(
+                e,
+                "redis_up",
+                "Redis commands and eviction bus both usable.",
+                None,
+                &ConstGauge::new(i64::from(shared.is_up())),
+            )?;
+        }
+        if let Some(not_after) = self.certificate.not_after() {
+            encode_one(
+                e,
+                "tls_certificate_expiry_timestamp",
+                "When the certificate being served expires (its notAfter), since the Unix epoch.",
+                Some(&Unit::Seconds),
+                &ConstGauge::new(not_after),
+            )?;
+        }
+        Ok(())
     }
 }

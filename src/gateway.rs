@@ -22,7 +22,7 @@ use crate::auth::{
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, GrafanaMode, Profile};
 use crate::http::json_response;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Answer, Auth, Metrics};
 use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, RequestBody, TrustedProxies};
 use crate::revoke::{reads_session_cookie, ManagementCall, Revocation};
 use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
@@ -509,8 +509,7 @@ impl Gateway {
     }
 
     pub async fn handle(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
-        // The clock is read only for the access log.
-        let started = self.access_log.then(Instant::now);
+        let started = Instant::now();
         // Before anything else reads the request.
         self.injected.strip(request.headers_mut(), peer.trusted);
         let request_id = self.request_ids.for_request(request.headers(), peer.trusted);
@@ -518,6 +517,17 @@ impl Gateway {
         let method = request.method().clone();
         // Path only: a query string may carry secrets.
         let path = self.access_log.then(|| request.uri().path().to_owned());
+        // Also for the access log: Host (HTTP/2's :authority) and User-Agent.
+        let (host, user_agent) = match self.access_log {
+            true => (
+                request.headers().get(header::HOST).cloned().or_else(|| {
+                    let authority = request.uri().authority()?;
+                    HeaderValue::from_str(authority.as_str()).ok()
+                }),
+                request.headers().get(header::USER_AGENT).cloned(),
+            ),
+            false => (None, None),
+        };
         let mut outcomes = Outcomes {
             request_id,
             route: None,
@@ -527,9 +537,21 @@ impl Gateway {
             source: None,
             upstream_time: None,
         };
+        let mut answer = Answer::Upstream;
         let response = match self.pass(request, peer, &mut outcomes).await {
             Ok(response) => response,
             Err(refusal) => {
+                answer = Answer::Gateway(match &refusal {
+                    Refusal::NoCredential
+                    | Refusal::Login { .. }
+                    | Refusal::BadCredential(_)
+                    | Refusal::Refused => Some(Auth::Refused),
+                    Refusal::Grafana(r) if !r.needs_rotation() => Some(Auth::Refused),
+                    Refusal::Forbidden | Refusal::NotInOrg(_) => Some(Auth::Forbidden),
+                    Refusal::VerifierUnavailable(_) => Some(Auth::Unavailable),
+                    Refusal::Throttled(_) => Some(Auth::RateLimited),
+                    _ => None,
+                });
                 if matches!(
                     refusal,
                     Refusal::VerifierUnavailable(_)
@@ -543,19 +565,32 @@ impl Gateway {
                 refusal.into_response()
             }
         };
-        self.metrics.record(response.status(), outcomes.source);
+        let elapsed = started.elapsed();
+        self.metrics.record(&metrics::Request {
+            status: response.status(),
+            answer,
+            credential: outcomes.credential.map(CredentialKind::as_str),
+            source: outcomes.source,
+            elapsed,
+            upstream: outcomes.upstream_time,
+        });
         if self.access_log {
-            let elapsed = started.map(|t| t.elapsed()).unwrap_or_default();
+            // Milliseconds to the microsecond.
+            let ms = |t: Duration| t.as_micros() as f64 / 1000.0;
             tracing::info!(
                 target: "access",
                 request_id = outcomes.request_id.to_str().unwrap_or("-"),
                 peer = %peer.addr.ip(),
                 method = %method,
+                host = host.as_ref().and_then(|h| h.to_str().ok()),
                 path = path.as_deref().unwrap_or(""),
                 status = response.status().as_u16(),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                upstream_ms = outcomes.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+                // The body's length when known (Content-Length, or a whole body).
+                bytes = http_body::Body::size_hint(response.body()).exact(),
+                duration_ms = ms(elapsed),
+                upstream_ms = outcomes.upstream_time.map(ms),
                 user = outcomes.identity.as_deref().map(|i| i.login()),
+                user_agent = user_agent.as_ref().and_then(|v| v.to_str().ok()),
                 cache = outcomes.source.map(|s| match s { Source::Local => "hit", Source::Shared => "redis", Source::Verifier => "miss" }),
             );
         }
@@ -807,8 +842,9 @@ impl Gateway {
         } else {
             (request.map(RequestBody::Streamed), None)
         };
-        let forward_started = self.access_log.then(Instant::now);
+        let forward_started = Instant::now();
         let forwarded = self.forwarder.forward(request, client_upgrade).await;
+        outcomes.upstream_time = Some(forward_started.elapsed());
         if let Some(admission) = login {
             let checked = match forwarded.as_ref().map(|r| r.status()) {
                 Ok(StatusCode::OK) => Checked::Good,
@@ -817,7 +853,6 @@ impl Gateway {
             };
             self.shield.settle(admission, checked).await;
         }
-        outcomes.upstream_time = forward_started.map(|t| t.elapsed());
         Ok(forwarded?)
     }
 
@@ -937,7 +972,9 @@ impl Gateway {
                 Refusal::Throttled(e) => e,
                 _ => unreachable!("throttled() makes Throttled refusals"),
             })?;
+        let asked = Instant::now();
         let verdict = self.verifier.verify(credential).await;
+        self.metrics.observe_verifier(asked.elapsed());
         let checked = match &verdict {
             Ok(Verdict::Allowed(_)) => Checked::Good,
             Ok(Verdict::Denied(DenyReason::Invalid | DenyReason::Disabled)) => Checked::Refused,

@@ -256,12 +256,13 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
     cache.start_shared(shutdown.clone()).await;
     tls::spawn_reloader(config.tls.clone(), material.resolver.clone(), shutdown.clone());
 
-    let admin = Arc::new(Admin {
+    let admin = Arc::new(Admin::new(
         metrics,
-        readiness: readiness.clone(),
+        readiness.clone(),
         cache,
         shield,
-    });
+        material.resolver.clone(),
+    ));
     tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
 
     let server = Arc::new(TlsServer {

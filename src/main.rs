@@ -148,6 +148,9 @@ fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: a file or a log collector
+        // would get the escape codes as text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A failed write would otherwise be reported with eprintln!, which
         // panics when stderr is a closed pipe (a log collector gone): every
         // later log line, the access log included, would then take its

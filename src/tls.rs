@@ -52,6 +52,101 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
+impl CertResolver {
+    /// When the certificate being served expires (its notAfter), in seconds
+    /// since the Unix epoch; `None` when its DER cannot be read that far.
+    pub fn not_after(&self) -> Option<i64> {
+        self.current
+            .load()
+            .cert
+            .first()
+            .and_then(|leaf| not_after(leaf.as_ref()))
+    }
+}
+
+/// notAfter of a DER certificate (RFC 5280, 4.1: Certificate → tbsCertificate
+/// → validity), in seconds since the Unix epoch.
+fn not_after(der: &[u8]) -> Option<i64> {
+    let (certificate, _) = der_element(der, 0x30)?;
+    let (mut tbs, _) = der_element(certificate, 0x30)?;
+    if tbs.first() == Some(&0xa0) {
+        // [0] EXPLICIT version, absent from v1 certificates.
+        tbs = der_element(tbs, 0xa0)?.1;
+    }
+    let (_serial, rest) = der_element(tbs, 0x02)?;
+    let (_signature, rest) = der_element(rest, 0x30)?;
+    let (_issuer, rest) = der_element(rest, 0x30)?;
+    let (validity, _) = der_element(rest, 0x30)?;
+    let (_not_before, rest) = der_time(validity)?;
+    Some(der_time(rest)?.0)
+}
+
+/// The DER element tagged `tag` at the start of `input`: (its contents, what
+/// follows it).
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&found, rest) = input.split_first()?;
+    if found != tag {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let (len, rest) = rest.split_at(n);
+        (len.iter().fold(0usize, |acc, b| acc << 8 | usize::from(*b)), rest)
+    };
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+/// A certificate's time (RFC 5280, 4.1.2.5: UTCTime `YYMMDDHHMMSSZ` up to
+/// 2049, GeneralizedTime `YYYYMMDDHHMMSSZ` after) in seconds since the epoch,
+/// and what follows it.
+fn der_time(input: &[u8]) -> Option<(i64, &[u8])> {
+    let (tag, digits) = match input.first()? {
+        0x17 => (0x17, 12),
+        0x18 => (0x18, 14),
+        _ => return None,
+    };
+    let (text, rest) = der_element(input, tag)?;
+    if text.len() != digits + 1 || text[digits] != b'Z' || !text[..digits].iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let number = |at: usize, len: usize| {
+        text[at..at + len]
+            .iter()
+            .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'))
+    };
+    let (year, at) = if tag == 0x17 {
+        let yy = number(0, 2);
+        (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
+    } else {
+        (number(0, 4), 4)
+    };
+    let (month, day) = (number(at, 2), number(at + 2, 2));
+    let (hour, minute, second) = (number(at + 4, 2), number(at + 6, 2), number(at + 8, 2));
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    Some((seconds, rest))
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar
+/// (H. Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    // Months from March, so that February comes last.
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
 pub struct TlsMaterial {
     pub resolver: Arc<CertResolver>,
     pub server_config: Arc<rustls::ServerConfig>,
@@ -240,6 +335,32 @@ mod tests {
         assert_eq!(mode.permissions().mode() & 0o777, 0o600);
         let second = load(&c).unwrap().fingerprint;
         assert_eq!(first, second);
+    }
+
+    #[test]
+    fn reads_the_expiry_of_the_certificate_it_serves() {
+        for ((y, m, d), expected) in [((2031, 5, 6), 1_935_792_000), ((2061, 12, 31), 2_903_212_800)] {
+            let mut params = rcgen::CertificateParams::new(vec!["gw.test".to_owned()]).unwrap();
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            assert_eq!(not_after(cert.der()), Some(expected), "{y}-{m}-{d}");
+        }
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(not_after(b"\x30\x03\x02\x01\x01"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let material = load(&config(dir.path())).unwrap();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let expiry = material
+            .resolver
+            .not_after()
+            .expect("the generated certificate's notAfter");
+        assert!(expiry > now, "{expiry} <= {now}");
     }
 
     #[test]
