@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod plain;
 pub mod raw;
 pub mod scripted;
 pub mod upstream;
