@@ -11,13 +11,13 @@ use portcullis::config::{Config, Profile, RouteConfig};
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use crate::support::shell::Shell;
 use crate::support::{self, client, curl, Gateway};
 
 const SEED_PMM_KEY: &str =
     "eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=";
 const SEED_GRAFANA_KEY: &str =
     "eyJrIjoiWHZiSWd3NzdCYUZnNUtibE9obUpESmE3bzJYNDRIc0UiLCJuIjoibXlrZXkiLCJpZCI6MX1=";
-const SEED_TRUNCATED_KEY: &str = "eyJrIjoiT0tTcG1pUlY2RnVKZTFVaDFsNFZXdE9ZWmNrMkZYbk";
 
 async fn setup_with(
     flavor: Flavor,
@@ -39,10 +39,6 @@ async fn setup(flavor: Flavor, profile: Profile) -> (Arc<GrafanaStub>, Gateway) 
     setup_with(flavor, profile, |_| {}).await
 }
 
-fn host_port(gw: &Gateway) -> String {
-    gw.url.trim_start_matches("https://").to_owned()
-}
-
 async fn json(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     let text = response.text().await.unwrap();
@@ -50,157 +46,103 @@ async fn json(response: reqwest::Response) -> (StatusCode, Value) {
     (status, value)
 }
 
+/// The nine curl lines of PMM's documents (docs/design.md, "The documented
+/// curl lines"), as written there: only the host is the gateway's, and the
+/// documents' placeholders (`<api_key>`, `SERVICE_TOKEN`, …) stand for keys
+/// the stand-in knows.
 #[tokio::test]
 async fn pmm_seed_curl_examples_work_as_written() {
     let (stub, gw) = setup(Flavor::Pmm, Profile::Pmm).await;
     stub.add_api_key_exact(SEED_PMM_KEY, "Admin");
     let sa = stub.add_service_account("pmm-agent", "Admin");
     let (_, token) = stub.add_sa_token(sa, "agent-token", None);
-    let hp = host_port(&gw);
-    let port = gw.running().addr.port();
-    let version = format!("https://{hp}/v1/version");
-    let cases: Vec<Vec<String>> = vec![
+    let sh = Shell::at(&gw)
+        .set("<api_key>", SEED_PMM_KEY)
+        .set("API_KEY", SEED_PMM_KEY)
+        .set("<service_token>", &token)
+        .set("SERVICE_TOKEN", &token);
+    let seed_lines = [
         // 000: Basic by header and by -u.
-        vec![
-            "-X".into(),
-            "GET".into(),
-            "-H".into(),
-            "Authorization: Basic YWRtaW46YWRtaW4=".into(),
-            "-H".into(),
-            "Content-Type: application/json".into(),
-            version.clone(),
-        ],
-        vec![
-            "-X".into(),
-            "GET".into(),
-            "-u".into(),
-            "admin:admin".into(),
-            "-H".into(),
-            "Content-Type: application/json".into(),
-            version.clone(),
-        ],
-        // 000/001: the documented legacy key, Bearer and in the URL.
-        vec![
-            "-X".into(),
-            "GET".into(),
-            "-H".into(),
-            format!("Authorization: Bearer {SEED_PMM_KEY}"),
-            "-H".into(),
-            "Content-Type: application/json".into(),
-            version.clone(),
-        ],
-        vec![
-            "-X".into(),
-            "GET".into(),
-            format!("https://api_key:{SEED_PMM_KEY}@{hp}/v1/version"),
-        ],
-        vec![
-            "-H".into(),
-            format!("Authorization: Bearer {SEED_PMM_KEY}"),
-            version.clone(),
-        ],
-        vec![
-            "-X".into(),
-            "GET".into(),
-            format!("https://api_key:{SEED_PMM_KEY}@localhost:{port}/v1/version"),
-        ],
+        r"curl -X GET -H 'Authorization: Basic YWRtaW46YWRtaW4=' \
+             -H 'Content-Type: application/json' https://HOST/v1/version",
+        r"curl -X GET -u admin:admin -H 'Content-Type: application/json' https://HOST/v1/version",
+        // 000: the documented legacy key, Bearer and in the URL.
+        r"curl -X GET -H 'Authorization: Bearer eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=' \
+             -H 'Content-Type: application/json' https://HOST/v1/version",
+        r"curl -X GET -H 'Content-Type: application/json' \
+         https://api_key:eyJrIjoiUXRkeDNMS1g1bFVyY0tUj1o0SmhBc3g4QUdTRVAwekoiLCJuIjoicG1tLXRlc3QiLCJpZCI6MX0=@HOST/v1/version",
+        // 001: the same key by its placeholders.
+        r#"curl -H "Authorization: Bearer <api_key>" https://HOST/v1/version"#,
+        r"curl -X GET https://api_key:API_KEY@localhost:PORT/v1/version",
         // 004: service tokens, Bearer and `service_token:` in the URL.
-        vec![
-            "-H".into(),
-            format!("Authorization: Bearer {token}"),
-            version.clone(),
-        ],
-        vec![
-            "-X".into(),
-            "GET".into(),
-            format!("https://service_token:{token}@localhost:{port}/v1/version"),
-        ],
-        vec![
-            "-X".into(),
-            "GET".into(),
-            "-H".into(),
-            format!("Authorization: Bearer {token}"),
-            "-H".into(),
-            "Content-Type: application/json".into(),
-            version.clone(),
-        ],
+        r#"curl -H "Authorization: Bearer <service_token>" https://HOST/v1/version"#,
+        r"curl -X GET https://service_token:SERVICE_TOKEN@localhost:PORT/v1/version",
+        r"curl -X GET -H 'Authorization: Bearer SERVICE_TOKEN' \
+             -H 'Content-Type: application/json' https://HOST/v1/version",
     ];
-    for args in cases {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (status, body) = curl(&args).await;
-        assert_eq!(status, 200, "{args:?} -> {body}");
+    for line in seed_lines {
+        let (status, body) = sh.run(line).await;
+        assert_eq!(status, 200, "{line} -> {body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         assert!(v["version"].is_string(), "{body}");
     }
 }
 
+/// Grafana's documents' curl lines (docs/design.md, "The documented curl
+/// lines"), as written there but for the host, and the calls their raw HTTP
+/// examples make, typed as curl lines.
 #[tokio::test]
 async fn grafana_seed_curl_examples_work_as_written() {
     let (stub, gw) = setup(Flavor::Grafana11, Profile::Grafana).await;
     stub.add_api_key_exact(SEED_GRAFANA_KEY, "Admin");
-    let hp = host_port(&gw);
-    let port = gw.running().addr.port();
-    let url = |p: &str| format!("https://{hp}{p}");
+    let sh = Shell::at(&gw).set("KEY", SEED_GRAFANA_KEY);
 
     // 002: basic auth in the URL, answer passed through.
-    let (status, body) = curl(&[&format!("https://admin:admin@localhost:{port}/api/org")]).await;
+    let (status, body) = sh.run("curl https://admin:admin@localhost:PORT/api/org").await;
     assert_eq!((status, body.as_str()), (200, r#"{"id":1,"name":"Main Org."}"#));
     // 003: -u.
-    let (status, _) = curl(&["-u", "admin:admin", &url("/api/org")]).await;
+    let (status, _) = sh.run("curl -u admin:admin https://HOST/api/org").await;
     assert_eq!(status, 200);
 
     // 002: the documented key lists, creates and deletes keys.
-    let bearer = format!("Authorization: Bearer {SEED_GRAFANA_KEY}");
-    let (status, body) = curl(&[
-        "-H",
-        "Accept: application/json",
-        "-H",
-        &bearer,
-        &url("/api/auth/keys"),
-    ])
-    .await;
+    let (status, body) = sh
+        .run("curl -H 'Accept: application/json' -H 'Authorization: Bearer KEY' https://HOST/api/auth/keys")
+        .await;
     assert_eq!(status, 200, "{body}");
     assert!(serde_json::from_str::<Value>(&body).unwrap().is_array());
-    let (status, body) = curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Type: application/json",
-        "-H",
-        &bearer,
-        "-d",
-        r#"{"name":"mykey-2","role":"Admin"}"#,
-        &url("/api/auth/keys"),
-    ])
-    .await;
+    let (status, body) = sh
+        .run(
+            r#"curl -X POST -H 'Content-Type: application/json' -H 'Authorization: Bearer KEY' \
+                 -d '{"name":"mykey-2","role":"Admin"}' https://HOST/api/auth/keys"#,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let created: Value = serde_json::from_str(&body).unwrap();
     let new_key = created["key"].as_str().unwrap().to_owned();
-    let new_bearer = format!("Authorization: Bearer {new_key}");
-    let (status, _) = curl(&["-H", &new_bearer, &url("/api/org")]).await;
+    let id = created["id"].as_i64().unwrap().to_string();
+    let sh = sh.set("NEW_KEY", &new_key).set("ID", &id);
+    let (status, _) = sh
+        .run("curl -H 'Authorization: Bearer NEW_KEY' https://HOST/api/org")
+        .await;
     assert_eq!(status, 200);
-    let id = created["id"].as_i64().unwrap();
-    let (status, body) = curl(&[
-        "-X",
-        "DELETE",
-        "-H",
-        &bearer,
-        &url(&format!("/api/auth/keys/{id}")),
-    ])
-    .await;
+    let (status, body) = sh
+        .run("curl -X DELETE -H 'Authorization: Bearer KEY' https://HOST/api/auth/keys/ID")
+        .await;
     assert_eq!((status, body.as_str()), (200, r#"{"message":"API key deleted"}"#));
     // Deleted through the gateway: refused on the very next request.
-    let (status, _) = curl(&["-H", &new_bearer, &url("/api/org")]).await;
+    let (status, _) = sh
+        .run("curl -H 'Authorization: Bearer NEW_KEY' https://HOST/api/org")
+        .await;
     assert_eq!(status, 401);
 
     // 002/003: the truncated documentation key is no key: refused locally.
     let before = stub.verifications();
-    let (status, body) = curl(&[
-        "-H",
-        &format!("Authorization: Bearer {SEED_TRUNCATED_KEY}"),
-        &url("/api/org"),
-    ])
-    .await;
+    let (status, body) = sh
+        .run(
+            r#"curl -H "Authorization: Bearer eyJrIjoiT0tTcG1pUlY2RnVKZTFVaDFsNFZXdE9ZWmNrMkZYbk" \
+                 https://HOST/api/org"#,
+        )
+        .await;
     assert_eq!(status, 401);
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["message"],
@@ -208,57 +150,66 @@ async fn grafana_seed_curl_examples_work_as_written() {
     );
     assert_eq!(stub.verifications(), before);
 
-    // 003: session login through the seeds' /api/login, then logout.
+    // 003: session login through the seeds' /api/login (keeping the cookie
+    // in a jar), then logout.
     let jar = tempfile::NamedTempFile::new().unwrap();
-    let jar_path = jar.path().to_str().unwrap();
-    let (status, body) = curl(&[
-        "-X",
-        "POST",
-        "-c",
-        jar_path,
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        r#"{"user":"admin","password":"admin"}"#,
-        &url("/api/login"),
-    ])
-    .await;
+    let sh = sh.set("JAR", jar.path().to_str().unwrap());
+    let (status, body) = sh
+        .run(
+            r#"curl -X POST https://HOST/api/login -c JAR \
+                 -H "Content-Type: application/json" \
+                 -d '{
+                   "user": "admin",
+                   "password": "admin"
+                 }'"#,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["message"],
         "Logged in"
     );
-    let (status, body) = curl(&["-b", jar_path, &url("/api/user")]).await;
+    let (status, body) = sh.run("curl -b JAR https://HOST/api/user").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["login"], "admin");
-    let (status, _) = curl(&["-X", "GET", "-b", jar_path, &url("/api/logout")]).await;
+    let (status, _) = sh.run("curl -X GET -b JAR https://HOST/api/logout").await;
     assert_eq!(status, 302);
-    let (status, _) = curl(&["-b", jar_path, &url("/api/user")]).await;
+    let (status, _) = sh.run("curl -b JAR https://HOST/api/user").await;
     assert_eq!(status, 401, "a logged-out session is refused on the next request");
 
     // 003: auth tokens of a user, revoke one, rotate.
     let session = stub.login("admin", "admin").expect("stub login");
-    let (status, body) = curl(&["-X", "GET", &url("/api/user/auth-tokens"), "-u", "admin:admin"]).await;
+    let (status, body) = sh
+        .run(
+            r"curl -X GET https://HOST/api/user/auth-tokens \
+                 -u admin:admin",
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let tokens: Value = serde_json::from_str(&body).unwrap();
-    let token_id = tokens.as_array().unwrap().last().unwrap()["id"].as_i64().unwrap();
-    let cookie = format!("grafana_session={session}");
-    let (status, _) = curl(&["-b", &cookie, &url("/api/user")]).await;
+    let token_id = tokens.as_array().unwrap().last().unwrap()["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let sh = sh.set("SESSION", &session).set("TOKEN_ID", &token_id);
+    let (status, _) = sh
+        .run("curl -b grafana_session=SESSION https://HOST/api/user")
+        .await;
     assert_eq!(status, 200);
-    let (status, body) = curl(&[
-        "-X",
-        "POST",
-        &url("/api/user/revoke-auth-token"),
-        "-u",
-        "admin:admin",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        &format!(r#"{{"authTokenId": {token_id}}}"#),
-    ])
-    .await;
+    let (status, body) = sh
+        .run(
+            r#"curl -X POST https://HOST/api/user/revoke-auth-token \
+                 -u admin:admin \
+                 -H "Content-Type: application/json" \
+                 -d '{
+                   "authTokenId": TOKEN_ID
+                 }'"#,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
-    let (status, _) = curl(&["-b", &cookie, &url("/api/user")]).await;
+    let (status, _) = sh
+        .run("curl -b grafana_session=SESSION https://HOST/api/user")
+        .await;
     assert_eq!(status, 401, "a revoked session is refused on the next request");
     // Rotation with Basic: whatever Grafana answers, passed through as JSON.
     let direct = reqwest::Client::new()
@@ -268,14 +219,12 @@ async fn grafana_seed_curl_examples_work_as_written() {
         .await
         .unwrap()
         .status();
-    let (status, _) = curl(&[
-        "-X",
-        "POST",
-        &url("/api/user/auth-tokens/rotate"),
-        "-u",
-        "admin:admin",
-    ])
-    .await;
+    let (status, _) = sh
+        .run(
+            r"curl -X POST https://HOST/api/user/auth-tokens/rotate \
+                 -u admin:admin",
+        )
+        .await;
     assert_eq!(status, direct.as_u16());
 }
 

@@ -7,6 +7,7 @@ pub mod binary;
 pub mod plain;
 pub mod raw;
 pub mod scripted;
+pub mod shell;
 pub mod upstream;
 
 use std::path::PathBuf;
