@@ -15,6 +15,7 @@ mod hardening;
 mod layers;
 mod lifecycle;
 mod lockout;
+mod metrics;
 mod revocations;
 mod sessions;
 mod support;
