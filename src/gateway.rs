@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -327,21 +328,108 @@ impl InjectedHeaders {
 }
 
 pub struct Gateway {
-    routes: RouteTable,
-    profile: Profile,
+    /// What a SIGHUP can change, read once per request.
+    policy: ArcSwap<Policy>,
     cache: Arc<Cache>,
     verifier: Verifier,
     forwarder: Forwarder,
+    default_upstream: http::Uri,
+    shield: Arc<Shield>,
+    request_ids: RequestIds,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The part of the configuration a reload replaces: routes, identity, the
+/// session cookie's name, trusted proxies, header limits, the access log.
+/// Each request works with the one it started with.
+struct Policy {
+    routes: RouteTable,
+    profile: Profile,
     injected: InjectedHeaders,
     trusted: TrustedProxies,
     session_cookie: String,
-    default_upstream: http::Uri,
     access_log: bool,
-    shield: Arc<Shield>,
     grafana_mode: GrafanaMode,
     max_header_bytes: usize,
-    request_ids: RequestIds,
-    pub metrics: Arc<Metrics>,
+}
+
+impl Policy {
+    fn from_config(config: &Config) -> Result<Policy, crate::Error> {
+        Ok(Policy {
+            routes: RouteTable::build(config.auth.profile, &config.routes)?,
+            profile: config.auth.profile,
+            injected: InjectedHeaders::from_config(config)?,
+            trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            session_cookie: config.auth.session_cookie.clone(),
+            access_log: config.log.access_log,
+            grafana_mode: config.identity.grafana,
+            max_header_bytes: config.server.max_header_bytes,
+        })
+    }
+
+    /// The client address the shield counts: the peer, or for a trusted
+    /// proxy the last address in `X-Forwarded-For` that is not one.
+    fn client_ip(&self, peer: &Peer, headers: &HeaderMap) -> IpAddr {
+        if !peer.trusted {
+            return peer.addr.ip();
+        }
+        headers
+            .get_all(proxy::X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
+            .rev()
+            .find(|ip| !self.trusted.contains(*ip))
+            .unwrap_or_else(|| peer.addr.ip())
+    }
+
+    /// A browser navigating to a UI page is sent to the login page; API
+    /// clients get 401.
+    fn unauthenticated<B>(&self, request: &Request<B>, refusal: Refusal) -> Refusal {
+        let wants_html = request
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/html"));
+        let path = request.uri().path();
+        let ui_page = self.profile == Profile::Grafana && !path.starts_with("/api/") && path != "/api";
+        if request.method() == Method::GET && wants_html && ui_page {
+            let redirect_to = request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+            // Grafana's own answer to a page load with a token due for
+            // rotation (`pkg/middleware/auth.go`): rotate, then come back.
+            if matches!(&refusal, Refusal::Grafana(r) if r.needs_rotation()) {
+                return Refusal::Rotate { redirect_to };
+            }
+            return Refusal::Login { redirect_to };
+        }
+        refusal
+    }
+
+    /// `rotation`: the session cookie goes to Grafana even where the route
+    /// forwards no credential.
+    fn credentials_for_upstream(
+        &self,
+        headers: &mut HeaderMap,
+        route: &Route,
+        credential: Option<&Credential>,
+        rotation: bool,
+    ) {
+        if !route.forward_credentials {
+            headers.remove(header::AUTHORIZATION);
+            if !rotation {
+                remove_cookie(headers, &self.session_cookie);
+            }
+            return;
+        }
+        if let Some(rewritten) = credential.and_then(Credential::forwarded_authorization) {
+            headers.insert(header::AUTHORIZATION, rewritten);
+        }
+    }
 }
 
 /// What the access log says about one request.
@@ -362,6 +450,7 @@ struct Outcomes<'g> {
 /// What the phases learn about one request, in the order they learn it.
 /// `'r` is the request target the normalised path may borrow from.
 struct Ctx<'g, 'r> {
+    policy: &'g Policy,
     route: &'g Route,
     host_value: Option<HeaderValue>,
     credential: Option<Credential>,
@@ -466,7 +555,7 @@ impl Gateway {
         shield: Arc<Shield>,
         metrics: Arc<Metrics>,
     ) -> Result<Gateway, crate::Error> {
-        let routes = RouteTable::build(config.auth.profile, &config.routes)?;
+        let policy = Policy::from_config(config)?;
         let default_upstream: http::Uri =
             config
                 .upstream
@@ -478,25 +567,84 @@ impl Gateway {
                 })?;
         let forwarder = Forwarder::new(
             &config.upstream,
-            std::iter::once(&default_upstream).chain(routes.upstreams()),
+            std::iter::once(&default_upstream).chain(policy.routes.upstreams()),
         )?;
         Ok(Gateway {
-            routes,
-            profile: config.auth.profile,
+            policy: ArcSwap::from_pointee(policy),
             cache,
             verifier: Verifier::from_config(config)?,
             forwarder,
-            injected: InjectedHeaders::from_config(config)?,
-            trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
-            session_cookie: config.auth.session_cookie.clone(),
             default_upstream,
-            access_log: config.log.access_log,
             shield,
-            grafana_mode: config.identity.grafana,
-            max_header_bytes: config.server.max_header_bytes,
             request_ids: RequestIds::new(),
             metrics,
         })
+    }
+
+    /// Takes up a new configuration's routes, identity, session cookie,
+    /// trusted proxies, header limit and access log for the requests that
+    /// start from now on; requests under way finish with the old ones.
+    /// Returns the keys that changed but need a restart. An invalid
+    /// configuration changes nothing.
+    pub fn reload(&self, old: &Config, new: &Config) -> Result<Vec<&'static str>, crate::Error> {
+        let policy = Policy::from_config(new)?;
+        self.policy.store(Arc::new(policy));
+        self.cache.set_ttls(new.cache.ttl, new.cache.negative_ttl);
+        let mut restart = Vec::new();
+        let differs = |a: String, b: String| a != b;
+        let show = |v: &dyn std::fmt::Debug| format!("{v:?}");
+        for (key, changed) in [
+            ("server.listen", old.server.listen != new.server.listen),
+            (
+                "server.admin_listen",
+                old.server.admin_listen != new.server.admin_listen,
+            ),
+            (
+                "server (limits and time-outs)",
+                differs(
+                    show(&old.server.max_connections),
+                    show(&new.server.max_connections),
+                ) || old.server.idle_timeout != new.server.idle_timeout
+                    || old.server.header_read_timeout != new.server.header_read_timeout,
+            ),
+            (
+                "tls.cert / tls.key (the files are reloaded when they change)",
+                old.tls.cert != new.tls.cert || old.tls.key != new.tls.key,
+            ),
+            (
+                "upstream",
+                differs(show(&old.upstream.url), show(&new.upstream.url))
+                    || old.upstream.direct_exchange != new.upstream.direct_exchange,
+            ),
+            (
+                "auth.verifier / auth.grafana / auth.static_users",
+                differs(show(&old.auth.grafana.url), show(&new.auth.grafana.url))
+                    || old.auth.verifier != new.auth.verifier
+                    || differs(
+                        show(&old.auth.static_users.len()),
+                        show(&new.auth.static_users.len()),
+                    ),
+            ),
+            (
+                "auth.login_failures / auth.client_failures (the shield's budgets)",
+                old.auth.login_failures != new.auth.login_failures
+                    || old.auth.client_failures != new.auth.client_failures
+                    || old.auth.login_failure_window != new.auth.login_failure_window
+                    || old.auth.client_failure_window != new.auth.client_failure_window,
+            ),
+            (
+                "cache.key_file / cache.redis / cache.max_entries",
+                old.cache.key_file != new.cache.key_file
+                    || differs(show(&old.cache.redis.url), show(&new.cache.redis.url))
+                    || old.cache.redis.cluster != new.cache.redis.cluster
+                    || old.cache.max_entries != new.cache.max_entries,
+            ),
+        ] {
+            if changed {
+                restart.push(key);
+            }
+        }
+        Ok(restart)
     }
 
     pub fn cache(&self) -> &Arc<Cache> {
@@ -505,20 +653,21 @@ impl Gateway {
 
     /// The client of a new connection, as its requests will need it.
     pub fn peer(&self, addr: SocketAddr) -> Peer {
-        Peer::new(addr, &self.trusted)
+        Peer::new(addr, &self.policy.load().trusted)
     }
 
     pub async fn handle(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let started = Instant::now();
+        let policy = self.policy.load_full();
         // Before anything else reads the request.
-        self.injected.strip(request.headers_mut(), peer.trusted);
+        policy.injected.strip(request.headers_mut(), peer.trusted);
         let request_id = self.request_ids.for_request(request.headers(), peer.trusted);
         request.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         let method = request.method().clone();
         // Path only: a query string may carry secrets.
-        let path = self.access_log.then(|| request.uri().path().to_owned());
+        let path = policy.access_log.then(|| request.uri().path().to_owned());
         // Also for the access log: Host (HTTP/2's :authority) and User-Agent.
-        let (host, user_agent) = match self.access_log {
+        let (host, user_agent) = match policy.access_log {
             true => (
                 request.headers().get(header::HOST).cloned().or_else(|| {
                     let authority = request.uri().authority()?;
@@ -538,7 +687,7 @@ impl Gateway {
             upstream_time: None,
         };
         let mut answer = Answer::Upstream;
-        let response = match self.pass(request, peer, &mut outcomes).await {
+        let response = match self.pass(request, peer, &policy, &mut outcomes).await {
             Ok(response) => response,
             Err(refusal) => {
                 answer = Answer::Gateway(match &refusal {
@@ -574,7 +723,7 @@ impl Gateway {
             elapsed,
             upstream: outcomes.upstream_time,
         });
-        if self.access_log {
+        if policy.access_log {
             // Milliseconds to the microsecond.
             let ms = |t: Duration| t.as_micros() as f64 / 1000.0;
             tracing::info!(
@@ -605,12 +754,13 @@ impl Gateway {
         &'g self,
         mut request: Request<Incoming>,
         peer: &Peer,
+        policy: &'g Policy,
         outcomes: &mut Outcomes<'g>,
     ) -> Result<Response<Body>, Refusal> {
         // A clone of the target (reference counts, no copy) lets the
         // normalised path borrow it while the request is rewritten.
         let target = request.uri().clone();
-        let mut ctx = self.request_filter(&request, &target, outcomes)?;
+        let mut ctx = self.request_filter(&request, &target, policy, outcomes)?;
         self.authenticate(&mut ctx, &request, peer, outcomes).await?;
         let client_upgrade = self.upstream_request(&mut request, &ctx, peer)?;
         let mut response = self
@@ -625,6 +775,7 @@ impl Gateway {
         &'g self,
         request: &Request<Incoming>,
         target: &'r http::Uri,
+        policy: &'g Policy,
         outcomes: &mut Outcomes<'g>,
     ) -> Result<Ctx<'g, 'r>, Refusal> {
         // TRACE would echo the caller's credentials back through any
@@ -639,7 +790,7 @@ impl Gateway {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum();
-        if head_bytes > self.max_header_bytes {
+        if head_bytes > policy.max_header_bytes {
             return Err(Refusal::HeadTooLarge);
         }
         let path = normalise(target.path())?;
@@ -652,11 +803,11 @@ impl Gateway {
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .map(normalise_host);
-        let route = self
+        let route = policy
             .routes
             .lookup(request.method(), host.as_deref(), &path.decoded);
         outcomes.route = Some(&route.prefix);
-        let credential = Credential::from_headers(request.headers(), &self.session_cookie)?;
+        let credential = Credential::from_headers(request.headers(), &policy.session_cookie)?;
         outcomes.credential = credential.as_ref().map(Credential::kind);
         let requested_org = org::requested(request.headers(), target.query())?;
         let upstream_path = match path.encoded {
@@ -665,6 +816,7 @@ impl Gateway {
         };
         let call = ManagementCall::recognise(request.method(), &upstream_path);
         Ok(Ctx {
+            policy,
             route,
             host_value,
             credential,
@@ -694,19 +846,19 @@ impl Gateway {
         // The client address matters only to the shield and the audit of a
         // revoking call: worked out for those alone.
         ctx.client = match ctx.call {
-            Some(_) => self.client_ip(peer, request.headers()),
+            Some(_) => ctx.policy.client_ip(peer, request.headers()),
             None => peer.addr.ip(),
         };
         if route.min_role != Role::None && !ctx.rotation {
             let Some(credential) = &ctx.credential else {
-                return Err(self.unauthenticated(request, Refusal::NoCredential));
+                return Err(ctx.policy.unauthenticated(request, Refusal::NoCredential));
             };
             let key = self.cache.keyer.key(credential);
             ctx.cache_key = Some(key);
             let (outcome, source) = self
                 .cache
                 .resolve(key, || {
-                    self.check(credential, key, self.client_ip(peer, request.headers()))
+                    self.check(credential, key, ctx.policy.client_ip(peer, request.headers()))
                 })
                 .await?;
             outcomes.source = Some(source);
@@ -718,7 +870,7 @@ impl Gateway {
                         DenyReason::Invalid | DenyReason::Disabled => Refusal::Refused,
                     };
                     return Err(match credential {
-                        Credential::Session { .. } => self.unauthenticated(request, refusal),
+                        Credential::Session { .. } => ctx.policy.unauthenticated(request, refusal),
                         _ => refusal,
                     });
                 }
@@ -748,7 +900,7 @@ impl Gateway {
             // user out, so it is checked here, behind the shield, first.
             let key = self.cache.keyer.key(password);
             ctx.cache_key = Some(key);
-            let client = self.client_ip(peer, request.headers());
+            let client = ctx.policy.client_ip(peer, request.headers());
             let (outcome, source) = self
                 .cache
                 .resolve(key, || self.check(password, key, client))
@@ -802,25 +954,28 @@ impl Gateway {
                 headers.insert(header::HOST, h);
             }
         }
-        self.credentials_for_upstream(headers, route, ctx.credential.as_ref(), ctx.rotation);
+        ctx.policy
+            .credentials_for_upstream(headers, route, ctx.credential.as_ref(), ctx.rotation);
         // An account Grafana did not name (a token on 10.4) is no identity:
         // every such token would become the same user.
         let identity = ctx.judged.as_ref().filter(|(i, _)| i.is_named());
         if route.grafana {
             // Grafana checks a credential before its auth proxy, and when it
             // refuses one the proxy headers would sign the request in.
-            if let (GrafanaMode::AuthProxy, Some((identity, org_id))) = (self.grafana_mode, identity) {
+            if let (GrafanaMode::AuthProxy, Some((identity, org_id))) = (ctx.policy.grafana_mode, identity) {
                 // Tokens and keys cannot be proxy users; the session calls
                 // read the cookie themselves.
                 if identity.is_user() && !reads_session_cookie(&ctx.upstream_path) {
                     headers.remove(header::AUTHORIZATION);
-                    remove_cookie(headers, &self.session_cookie);
-                    self.injected.inject_for_auth_proxy(headers, identity, *org_id);
+                    remove_cookie(headers, &ctx.policy.session_cookie);
+                    ctx.policy
+                        .injected
+                        .inject_for_auth_proxy(headers, identity, *org_id);
                 }
             }
         } else if route.inject_identity && route.min_role != Role::None {
             if let Some((identity, org_id)) = identity {
-                self.injected.inject(headers, identity, *org_id);
+                ctx.policy.injected.inject(headers, identity, *org_id);
             }
         }
         Ok(client_upgrade)
@@ -837,7 +992,7 @@ impl Gateway {
         outcomes: &mut Outcomes<'_>,
     ) -> Result<Response<Body>, Refusal> {
         let (request, login) = if shield::is_login_form(request.method(), &ctx.upstream_path) {
-            let client = self.client_ip(peer, request.headers());
+            let client = ctx.policy.client_ip(peer, request.headers());
             Box::pin(self.read_login_form(request, client)).await?
         } else {
             (request.map(RequestBody::Streamed), None)
@@ -865,7 +1020,7 @@ impl Gateway {
         outcomes: &Outcomes<'_>,
     ) {
         let route = ctx.route;
-        if self.profile == Profile::Pmm && route.grafana {
+        if ctx.policy.profile == Profile::Pmm && route.grafana {
             // PMM's Grafana sets its cookies on its sub path; PMM's front
             // door hands them to the whole site, or the session would never
             // reach `/v1`.
@@ -985,70 +1140,6 @@ impl Gateway {
         verdict
     }
 
-    /// The client address the shield counts: the peer, or for a trusted
-    /// proxy the last address in `X-Forwarded-For` that is not one.
-    fn client_ip(&self, peer: &Peer, headers: &HeaderMap) -> IpAddr {
-        if !peer.trusted {
-            return peer.addr.ip();
-        }
-        headers
-            .get_all(proxy::X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
-            .rev()
-            .find(|ip| !self.trusted.contains(*ip))
-            .unwrap_or_else(|| peer.addr.ip())
-    }
-
-    /// A browser navigating to a UI page is sent to the login page; API
-    /// clients get 401.
-    fn unauthenticated<B>(&self, request: &Request<B>, refusal: Refusal) -> Refusal {
-        let wants_html = request
-            .headers()
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.contains("text/html"));
-        let path = request.uri().path();
-        let ui_page = self.profile == Profile::Grafana && !path.starts_with("/api/") && path != "/api";
-        if request.method() == Method::GET && wants_html && ui_page {
-            let redirect_to = request
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
-            // Grafana's own answer to a page load with a token due for
-            // rotation (`pkg/middleware/auth.go`): rotate, then come back.
-            if matches!(&refusal, Refusal::Grafana(r) if r.needs_rotation()) {
-                return Refusal::Rotate { redirect_to };
-            }
-            return Refusal::Login { redirect_to };
-        }
-        refusal
-    }
-
-    /// `rotation`: the session cookie goes to Grafana even where the route
-    /// forwards no credential.
-    fn credentials_for_upstream(
-        &self,
-        headers: &mut HeaderMap,
-        route: &Route,
-        credential: Option<&Credential>,
-        rotation: bool,
-    ) {
-        if !route.forward_credentials {
-            headers.remove(header::AUTHORIZATION);
-            if !rotation {
-                remove_cookie(headers, &self.session_cookie);
-            }
-            return;
-        }
-        if let Some(rewritten) = credential.and_then(Credential::forwarded_authorization) {
-            headers.insert(header::AUTHORIZATION, rewritten);
-        }
-    }
-
     /// Applies what a successful management call revoked — here, in Redis and
     /// on every replica — before its response goes back to the client.
     async fn revoke_after(
@@ -1102,10 +1193,6 @@ impl Gateway {
             revoked = ?revocations,
             dropped_here = dropped,
         );
-    }
-
-    pub fn profile(&self) -> Profile {
-        self.profile
     }
 }
 

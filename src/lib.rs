@@ -58,11 +58,30 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     pub readiness: Arc<Readiness>,
     pub tls_fingerprint: String,
+    /// The configuration in use, for the next reload to compare with.
+    config: std::sync::Mutex<Config>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
 }
 
 impl Running {
+    /// Takes up `new` (SIGHUP): it is checked as a start would check it, and
+    /// when it is valid its routes, identity, session cookie, trusted
+    /// proxies, header limit, access log and cache TTLs apply to the
+    /// requests that start from now on; no connection is dropped. An invalid
+    /// one changes nothing. Returns the keys that changed but need a
+    /// restart (listeners, keys, the upstream, Redis, …).
+    pub fn reload(&self, new: Config, env_cache_key: Option<&str>) -> Result<Vec<&'static str>, Error> {
+        check(&new, env_cache_key)?;
+        let mut current = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let restart = self.gateway.reload(&current, &new)?;
+        *current = new;
+        Ok(restart)
+    }
+
     /// Stops accepting; in-flight requests get `server.shutdown_grace`.
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
@@ -289,6 +308,7 @@ pub async fn start(config: Config, env_cache_key: Option<String>) -> Result<Runn
         gateway,
         readiness,
         tls_fingerprint: material.fingerprint,
+        config: std::sync::Mutex::new(config),
         stop,
         server,
     })

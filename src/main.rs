@@ -80,12 +80,12 @@ fn main() -> ExitCode {
             eprintln!("portcullis: {source} is valid");
             ExitCode::SUCCESS
         }
-        Some(Command::Run) | None => run(config, &source),
+        Some(Command::Run) | None => run(config, &source, cli.config),
     }
 }
 
-fn run(config: Config, source: &str) -> ExitCode {
-    init_logging(&config);
+fn run(config: Config, source: &str, named: Option<PathBuf>) -> ExitCode {
+    let log_level = init_logging(&config);
     tracing::info!(config = %source, "configuration loaded");
     // One worker: a current-thread runtime skips the work-stealing machinery.
     let mut runtime = if config.server.workers == 1 {
@@ -112,7 +112,7 @@ fn run(config: Config, source: &str) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        wait_for_stop(|| reload(&running, named.as_deref(), &log_level)).await;
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         running.stop().await;
         tracing::info!("stopped");
@@ -120,33 +120,76 @@ fn run(config: Config, source: &str) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; each SIGHUP in between reloads.
+async fn wait_for_stop(mut on_hangup: impl FnMut()) {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => loop {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => on_hangup(),
             }
-        }
+        },
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
 
-fn init_logging(config: &Config) {
-    // rustls warns once per connection from clients that send an IP address
-    // as SNI (curl, wrk): any client could flood the log that way.
-    let level = if config.log.level.contains("rustls") {
-        config.log.level.clone()
-    } else {
-        format!("{},rustls=error", config.log.level)
+/// SIGHUP: reads the configuration again (the same file and environment as
+/// the start) and takes it up, or keeps the one in use when it is invalid.
+fn reload(running: &portcullis::Running, named: Option<&std::path::Path>, log_level: &LogLevel) {
+    let loaded = match named {
+        Some(path) => Config::load(path, std::env::vars()),
+        None => {
+            Config::load_if_present(std::path::Path::new(DEFAULT_CONFIG), std::env::vars()).map(|(c, _)| c)
+        }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&level)
+    let config = match loaded {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded: keeping the one in use");
+            return;
+        }
+    };
+    let level = config.log.level.clone();
+    match running.reload(config, std::env::var(CACHE_KEY_ENV).ok().as_deref()) {
+        Ok(restart) => {
+            if let Err(e) = log_level(&level) {
+                tracing::warn!(error = %e, "log.level not changed");
+            }
+            tracing::info!("configuration reloaded: routes, identity, session cookie, trusted proxies, cache TTLs, log level");
+            if !restart.is_empty() {
+                tracing::warn!(keys = ?restart, "these changed but take effect only after a restart");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "configuration not reloaded: keeping the one in use"),
+    }
+}
+
+/// Sets the log filter from a `log.level` value (a reload).
+type LogLevel = Box<dyn Fn(&str) -> Result<(), String>>;
+
+/// `log.level`, with rustls' per-connection warnings kept quiet: any client
+/// that sends an IP address as SNI (curl, wrk) would flood the log.
+fn filter_for(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let level = if level.contains("rustls") {
+        level.to_owned()
+    } else {
+        format!("{level},rustls=error")
+    };
+    tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| e.to_string())
+}
+
+fn init_logging(config: &Config) -> LogLevel {
+    let filter = filter_for(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal: a file or a log collector
         // would get the escape codes as text.
@@ -157,7 +200,21 @@ fn init_logging(config: &Config) {
         // thread down. Lines that cannot be written are dropped.
         .log_internal_errors(false);
     match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .flatten_event(true)
+                .with_env_filter(filter)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| handle.reload(filter_for(level)?).map_err(|e| e.to_string()))
+        }
+        LogFormat::Text => {
+            let builder = builder.with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| handle.reload(filter_for(level)?).map_err(|e| e.to_string()))
+        }
     }
 }

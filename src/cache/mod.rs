@@ -72,8 +72,10 @@ pub struct Cache {
     pub keyer: Keyer,
     local: LocalCache,
     inflight: DashMap<CacheKey, Flight>,
-    ttl: Duration,
-    negative_ttl: Duration,
+    /// `cache.ttl` and `cache.negative_ttl` in milliseconds (a reload may
+    /// change them; entries keep the expiry they were stored with).
+    ttl_ms: AtomicU64,
+    negative_ttl_ms: AtomicU64,
     /// Bumped by every invalidation: a verification that started before one
     /// must not write its (possibly stale) answer into the cache.
     generation: AtomicU64,
@@ -90,15 +92,14 @@ pub struct Cache {
     retired: DashMap<CacheKey, u64>,
 }
 
-
 impl Cache {
     pub fn new(config: &CacheConfig, keyer: Keyer) -> Cache {
         Cache {
             keyer,
             local: LocalCache::new(config.max_entries),
             inflight: DashMap::new(),
-            ttl: config.ttl,
-            negative_ttl: config.negative_ttl,
+            ttl_ms: AtomicU64::new(config.ttl.as_millis() as u64),
+            negative_ttl_ms: AtomicU64::new(config.negative_ttl.as_millis() as u64),
             generation: AtomicU64::new(0),
             shared: None,
             writes: RwLock::new(()),
@@ -107,6 +108,17 @@ impl Cache {
             next_message: AtomicU64::new(0),
             retired: DashMap::new(),
         }
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// New TTLs for what is verified from now on (a configuration reload).
+    pub fn set_ttls(&self, ttl: Duration, negative_ttl: Duration) {
+        self.ttl_ms.store(ttl.as_millis() as u64, Ordering::Relaxed);
+        self.negative_ttl_ms
+            .store(negative_ttl.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Adds L2 and the eviction bus.
@@ -164,7 +176,7 @@ impl Cache {
                 let generation = self.generation.load(Ordering::SeqCst);
                 if self.is_retired(&key) {
                     source = Source::Verifier;
-                    return Ok(outcome_of(verify().await?, self.ttl));
+                    return Ok(outcome_of(verify().await?, self.ttl()));
                 }
                 if let Some(shared) = &self.shared {
                     if let Some(identity) = shared.get(&key).await {
@@ -194,11 +206,11 @@ impl Cache {
 
     fn store(&self, key: CacheKey, verdict: Verdict, generation: u64) -> Outcome {
         let now = now_ms();
-        let outcome = outcome_of(verdict, self.ttl);
+        let outcome = outcome_of(verdict, self.ttl());
         let expires_at_ms = match &outcome {
             Outcome::Allowed(identity) => identity.expires_at_ms,
             Outcome::Denied(reason) if reason.is_cacheable() => {
-                now.saturating_add(self.negative_ttl.as_millis() as u64)
+                now.saturating_add(self.negative_ttl_ms.load(Ordering::Relaxed))
             }
             Outcome::Denied(_) => 0,
         };
@@ -441,8 +453,7 @@ impl Cache {
     /// Background purge of expired entries; stops when the cache is dropped.
     pub fn spawn_purger(self: &Arc<Self>) {
         let weak: Weak<Cache> = Arc::downgrade(self);
-        let period = self
-            .negative_ttl
+        let period = Duration::from_millis(self.negative_ttl_ms.load(Ordering::Relaxed))
             .max(Duration::from_secs(1))
             .min(Duration::from_secs(30));
         tokio::spawn(async move {

@@ -16,6 +16,7 @@ mod layers;
 mod lifecycle;
 mod lockout;
 mod metrics;
+mod reload;
 mod revocations;
 mod sessions;
 mod support;
