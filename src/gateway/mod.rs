@@ -2,6 +2,22 @@
 //! path"): strip spoofable headers → normalise → route → credential →
 //! identity → policy → forward → revoke on success. Each refusal is one
 //! `Refusal` variant with one answer.
+//!
+//! The rooms of the request path's top: `refusal` (every answer the gateway
+//! gives itself, one status and one JSON body each), `headers` (header
+//! hygiene: what clients may not send, what is injected, cookies), `log`
+//! (request ids, the access log's facts, the audit trail).
+
+mod headers;
+mod log;
+mod refusal;
+
+pub use log::X_REQUEST_ID;
+pub use refusal::Refusal;
+
+use self::headers::*;
+use self::log::*;
+use self::refusal::*;
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -10,322 +26,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::auth::credential::go_cookie;
-use crate::auth::org::{self, OrgError};
-use crate::auth::{
-    Credential, CredentialError, CredentialKind, DenyReason, GrafanaRefusal, Identity, Role, Verdict,
-    Verifier, VerifyError,
-};
+use crate::auth::org::{self};
+use crate::auth::{Credential, CredentialKind, DenyReason, Identity, Role, Verdict, Verifier, VerifyError};
 use crate::cache::{Cache, CacheKey, Eviction, Outcome, Source};
 use crate::config::{Config, GrafanaMode, Profile};
-use crate::http::json_response;
 use crate::metrics::{self, Answer, Auth, Metrics};
 use crate::proxy::{self, Body, Forwarder, Peer, ProxyError, RequestBody, TrustedProxies};
 use crate::revoke::{reads_session_cookie, ManagementCall, Revocation};
-use crate::routes::{normalise, normalise_host, PathError, Route, RouteTable};
-use crate::shield::{self, Admission, Checked, Shield, Throttle};
-
-/// Why a request was answered by the gateway itself.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    #[error("bad request path: {0}")]
-    BadPath(#[from] PathError),
-    #[error("bad credential: {0}")]
-    BadCredential(#[from] CredentialError),
-    #[error("bad organisation: {0}")]
-    BadOrg(#[from] OrgError),
-    /// The caller is not a member of the organisation the request selects
-    /// (a token or key: not its org).
-    #[error("not a member of organisation {0}")]
-    NotInOrg(i64),
-    /// Grafana's own refusal of a session, passed on unchanged.
-    #[error("refused by Grafana ({})", .0.message_id)]
-    Grafana(GrafanaRefusal),
-    /// A browser page load with a session due for rotation: sent where
-    /// Grafana sends it, to rotate and come back.
-    #[error("session due for rotation")]
-    Rotate { redirect_to: String },
-    #[error("no credential")]
-    NoCredential,
-    #[error("credential refused")]
-    Refused,
-    #[error("role too low")]
-    Forbidden,
-    #[error("verifier unavailable: {0}")]
-    VerifierUnavailable(VerifyError),
-    /// The lock-out shield held the check back (`src/shield.rs`).
-    #[error("{0}")]
-    Throttled(VerifyError),
-    #[error("login form larger than the gateway reads")]
-    BadLoginForm,
-    #[error("TRACE is not forwarded")]
-    MethodNotAllowed,
-    #[error("request header fields larger than server.max_header_bytes")]
-    HeadTooLarge,
-    /// The client's request body broke off or was malformed.
-    #[error("unreadable request body")]
-    BadBody,
-    #[error("{0}")]
-    Proxy(#[from] ProxyError),
-    #[error("cannot build the upstream request: {0}")]
-    Internal(String),
-    /// A browser without a (valid) session: sent to Grafana's login page.
-    #[error("login required")]
-    Login { redirect_to: String },
-}
-
-impl From<VerifyError> for Refusal {
-    fn from(e: VerifyError) -> Refusal {
-        match e {
-            VerifyError::Throttled { .. } => Refusal::Throttled(e),
-            e => Refusal::VerifierUnavailable(e),
-        }
-    }
-}
-
-impl Refusal {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Refusal::BadPath(_) | Refusal::BadOrg(_) => StatusCode::BAD_REQUEST,
-            Refusal::BadCredential(e) if e.is_bad_request() => StatusCode::BAD_REQUEST,
-            Refusal::NotInOrg(_) => StatusCode::FORBIDDEN,
-            Refusal::Grafana(refusal) => refusal.status,
-            Refusal::Rotate { .. } => StatusCode::FOUND,
-            Refusal::BadCredential(_) | Refusal::NoCredential | Refusal::Refused => StatusCode::UNAUTHORIZED,
-            Refusal::Forbidden => StatusCode::FORBIDDEN,
-            Refusal::VerifierUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::BadLoginForm => StatusCode::PAYLOAD_TOO_LARGE,
-            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Refusal::BadBody => StatusCode::BAD_REQUEST,
-            Refusal::Proxy(e) => e.status(),
-            Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Refusal::Login { .. } => StatusCode::FOUND,
-        }
-    }
-
-    /// The `message` of the JSON body: Grafana's wording where Grafana has one.
-    pub fn message(&self) -> String {
-        match self {
-            Refusal::BadPath(e) => format!("Bad request: {e}"),
-            Refusal::BadOrg(e) => format!("Bad request: {e}"),
-            Refusal::BadCredential(e) if e.is_bad_request() => format!("Bad request: {e}"),
-            Refusal::NotInOrg(_) => "Permission denied".into(),
-            Refusal::Grafana(_) | Refusal::Rotate { .. } => "Unauthorized".into(),
-            Refusal::BadCredential(_) | Refusal::NoCredential | Refusal::Refused => "Unauthorized".into(),
-            Refusal::Forbidden => "Permission denied".into(),
-            Refusal::VerifierUnavailable(_) => "Authentication service unavailable".into(),
-            Refusal::Throttled(VerifyError::Throttled { per_login: true, .. }) => {
-                "Too many failed logins for this user: try again later".into()
-            }
-            Refusal::Throttled(_) => "Too many failed attempts from this address: try again later".into(),
-            Refusal::BadLoginForm => "Login form too large".into(),
-            Refusal::MethodNotAllowed => "Method not allowed".into(),
-            Refusal::HeadTooLarge => "Request header fields too large".into(),
-            Refusal::BadBody => "Bad request: unreadable request body".into(),
-            Refusal::Proxy(ProxyError::Unreachable(_)) => "Bad gateway: upstream unreachable".into(),
-            Refusal::Proxy(ProxyError::InvalidResponse(_)) => {
-                "Bad gateway: upstream sent an invalid response".into()
-            }
-            Refusal::Proxy(ProxyError::Timeout) => "Gateway timeout: upstream did not answer in time".into(),
-            Refusal::Proxy(ProxyError::ClientBody) => {
-                "Bad request: the request body broke off or was malformed".into()
-            }
-            Refusal::Internal(_) => "Internal error".into(),
-            Refusal::Login { .. } => "Login required".into(),
-        }
-    }
-
-    fn reason(&self) -> Option<String> {
-        match self {
-            Refusal::BadCredential(e) if !e.is_bad_request() => Some(e.to_string()),
-            Refusal::NotInOrg(_) => Some(self.to_string()),
-            _ => None,
-        }
-    }
-
-    pub fn into_response(self) -> Response<Body> {
-        if let Refusal::Grafana(refusal) = self {
-            let mut response = Response::new(Body::whole(refusal.body));
-            *response.status_mut() = refusal.status;
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            return response;
-        }
-        let mut body = serde_json::json!({ "message": self.message() });
-        if let Some(reason) = self.reason() {
-            body["reason"] = reason.into();
-        }
-        let mut response = json_response(self.status(), &body);
-        if let Refusal::Throttled(VerifyError::Throttled { retry_after, .. }) = &self {
-            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-        }
-        let redirect = match &self {
-            Refusal::Login { redirect_to } => Some(("/login", redirect_to)),
-            Refusal::Rotate { redirect_to } => Some(("/user/auth-tokens/rotate", redirect_to)),
-            _ => None,
-        };
-        if let Some((page, redirect_to)) = redirect {
-            let location = format!(
-                "{page}?redirectTo={}",
-                percent_encoding::utf8_percent_encode(redirect_to, percent_encoding::NON_ALPHANUMERIC)
-            );
-            if let Ok(value) = HeaderValue::from_str(&location) {
-                response.headers_mut().insert(header::LOCATION, value);
-            }
-        }
-        response
-    }
-}
-
-/// Header names the gateway injects, compared in every spelling.
-struct InjectedHeaders {
-    user: HeaderName,
-    role: HeaderName,
-    email: HeaderName,
-    name: HeaderName,
-    org: HeaderName,
-    /// Grafana's `[auth.proxy] shared_secret`, and the header it travels in.
-    secret: Option<(HeaderName, HeaderValue)>,
-    /// `identity.send_role`.
-    send_role: bool,
-    /// Folded forms (lower case, `_` as `-`) of every name clients may not send.
-    spoofable: Vec<Vec<u8>>,
-    /// Also folded, dropped only when the peer is not a trusted proxy.
-    forwarded: Vec<Vec<u8>>,
-}
-
-fn fold(name: &[u8]) -> Vec<u8> {
-    name.iter()
-        .map(|b| if *b == b'_' { b'-' } else { b.to_ascii_lowercase() })
-        .collect()
-}
-
-fn folded_eq(name: &[u8], folded: &[u8]) -> bool {
-    name.len() == folded.len()
-        && name
-            .iter()
-            .zip(folded)
-            .all(|(a, b)| (if *a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == *b)
-}
-
-impl InjectedHeaders {
-    fn from_config(config: &Config) -> Result<InjectedHeaders, crate::Error> {
-        let parse = |n: &str| {
-            HeaderName::from_bytes(n.as_bytes()).map_err(|_| crate::config::ConfigError::Key {
-                key: "identity".into(),
-                reason: format!("`{n}` is not a header name"),
-            })
-        };
-        let i = &config.identity;
-        let names = [
-            parse(&i.user_header)?,
-            parse(&i.role_header)?,
-            parse(&i.email_header)?,
-            parse(&i.name_header)?,
-            parse(&i.org_header)?,
-        ];
-        let secret_header = parse(&i.secret_header)?;
-        let secret = match &i.shared_secret_file {
-            Some(path) => {
-                let bad = |reason: String| crate::config::ConfigError::Key {
-                    key: "identity.shared_secret_file".into(),
-                    reason,
-                };
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
-                let mut value = HeaderValue::from_str(text.trim())
-                    .ok()
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| bad(format!("{} holds no usable secret", path.display())))?;
-                value.set_sensitive(true);
-                Some((secret_header.clone(), value))
-            }
-            None => None,
-        };
-        let spoofable = names
-            .iter()
-            .chain(std::iter::once(&secret_header))
-            .map(|n| fold(n.as_str().as_bytes()))
-            .collect();
-        let forwarded = [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
-            "x-real-ip",
-        ]
-        .iter()
-        .map(|n| fold(n.as_bytes()))
-        .collect();
-        let [user, role, email, name, org] = names;
-        Ok(InjectedHeaders {
-            user,
-            role,
-            email,
-            name,
-            org,
-            secret,
-            send_role: i.send_role,
-            spoofable,
-            forwarded,
-        })
-    }
-
-    /// Removes every incoming copy of an injected header (and, from untrusted
-    /// peers, of the forwarding headers), whatever its spelling.
-    fn strip(&self, headers: &mut HeaderMap, trusted_peer: bool) {
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| {
-                let bytes = name.as_str().as_bytes();
-                self.spoofable.iter().any(|f| folded_eq(bytes, f))
-                    || (!trusted_peer && self.forwarded.iter().any(|f| folded_eq(bytes, f)))
-            })
-            .cloned()
-            .collect();
-        for name in doomed {
-            headers.remove(name);
-        }
-    }
-
-    /// The identity headers for `identity` in `org_id`. The role only when
-    /// the operator asked for it and the user has one org: Grafana syncs a
-    /// role header into one org and removes the user from every other.
-    fn inject(&self, headers: &mut HeaderMap, identity: &Identity, org_id: i64) {
-        let names = [&self.user, &self.role, &self.email, &self.name, &self.org];
-        let with_role = self.send_role && !identity.is_multi_org();
-        for (name, value) in names.into_iter().zip(identity.header_values(org_id)) {
-            if let Some(value) = value.filter(|_| with_role || name != self.role) {
-                headers.insert(name.clone(), value);
-            }
-        }
-    }
-
-    /// Towards Grafana's `[auth.proxy]`: the identity, with the shared
-    /// secret when one is configured.
-    fn inject_for_auth_proxy(&self, headers: &mut HeaderMap, identity: &Identity, org_id: i64) {
-        self.inject(headers, identity, org_id);
-        // Grafana syncs a role header into its `auto_assign_org_id` (1 by
-        // default), whatever org the user is in: a user outside it would be
-        // moved there and dropped from its own org.
-        if identity.role_in(1).is_none() {
-            headers.remove(&self.role);
-        }
-        if let Some((name, value)) = &self.secret {
-            headers.insert(name.clone(), value.clone());
-        }
-    }
-}
+use crate::routes::{normalise, normalise_host, Route, RouteTable};
+use crate::shield::{self, Admission, Checked, Shield};
 
 pub struct Gateway {
     /// What a SIGHUP can change, read once per request.
@@ -432,21 +145,6 @@ impl Policy {
     }
 }
 
-/// What the access log says about one request.
-struct Outcomes<'g> {
-    /// Shared by the access log, the audit trail and the upstream.
-    request_id: HeaderValue,
-    /// The prefix of the route the request matched.
-    route: Option<&'g str>,
-    /// The credential as presented (a reference count, not a copy): the
-    /// audit trail names the login a refused password was tried for.
-    authorization: Option<HeaderValue>,
-    credential: Option<CredentialKind>,
-    identity: Option<Arc<Identity>>,
-    source: Option<Source>,
-    upstream_time: Option<Duration>,
-}
-
 /// What the phases learn about one request, in the order they learn it.
 /// `'r` is the request target the normalised path may borrow from.
 struct Ctx<'g, 'r> {
@@ -468,84 +166,6 @@ struct Ctx<'g, 'r> {
     caller: Option<Arc<Identity>>,
     /// The client address as the shield and the audit trail count it.
     client: IpAddr,
-}
-
-/// `X-Request-Id`: kept from a trusted proxy, made here otherwise.
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Request ids unique across restarts and replicas: a random prefix per
-/// process and a counter.
-struct RequestIds {
-    prefix: u32,
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl RequestIds {
-    fn new() -> RequestIds {
-        RequestIds {
-            prefix: rand::random(),
-            next: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// A trusted proxy's id when it sent one usable id, else a new one.
-    fn for_request(&self, headers: &HeaderMap, trusted_peer: bool) -> HeaderValue {
-        if trusted_peer {
-            let mut sent = headers.get_all(&X_REQUEST_ID).iter();
-            if let (Some(id), None) = (sent.next(), sent.next()) {
-                if !id.is_empty() && id.len() <= 128 && id.as_bytes().iter().all(u8::is_ascii_graphic) {
-                    return id.clone();
-                }
-            }
-        }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut text = [0u8; 25];
-        let mut cursor = std::io::Cursor::new(&mut text[..]);
-        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{:08x}-{n:016x}", self.prefix));
-        let len = cursor.position() as usize;
-        HeaderValue::from_bytes(&text[..len]).unwrap_or_else(|_| HeaderValue::from_static("-"))
-    }
-}
-
-impl Outcomes<'_> {
-    /// One audit line for a refused authentication: who tried what, from
-    /// where, and why — never the password or token itself.
-    fn audit_refusal(&self, refusal: &Refusal, client: IpAddr, method: &Method) {
-        let reason = match refusal {
-            Refusal::NoCredential | Refusal::Login { .. } => "no_credential",
-            Refusal::BadCredential(_) | Refusal::Refused => "bad_credential",
-            Refusal::Grafana(r) if r.needs_rotation() => "session_rotation_due",
-            Refusal::Rotate { .. } => "session_rotation_due",
-            Refusal::Grafana(_) => "session_refused",
-            Refusal::Forbidden => "forbidden",
-            Refusal::NotInOrg(_) => "not_in_org",
-            Refusal::Throttled(VerifyError::Throttled { per_login: true, .. }) => "login_budget_used_up",
-            Refusal::Throttled(_) => "client_budget_used_up",
-            Refusal::VerifierUnavailable(_) => "verifier_unavailable",
-            _ => return,
-        };
-        // Only the user name of a password: never its secret half.
-        let login = self
-            .authorization
-            .as_ref()
-            .and_then(|v| Credential::from_authorization(v).ok())
-            .and_then(|c| match c {
-                Credential::Password { user, .. } => Some(user),
-                _ => None,
-            });
-        tracing::info!(
-            target: "audit",
-            event = "auth_refused",
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            client = %client,
-            method = %method,
-            route = self.route.unwrap_or("-"),
-            credential = self.credential.map(CredentialKind::as_str),
-            login = login.as_deref(),
-            reason,
-            status = refusal.status().as_u16(),
-        );
-    }
 }
 
 impl Gateway {
@@ -1193,110 +813,5 @@ impl Gateway {
             revoked = ?revocations,
             dropped_here = dropped,
         );
-    }
-}
-
-/// Rewrites `Path=<sub_path>` in every `Set-Cookie` to `Path=/` (what PMM's
-/// nginx does with `proxy_cookie_path`).
-fn widen_cookie_paths(headers: &mut HeaderMap, sub_path: &str) {
-    if !headers.contains_key(header::SET_COOKIE) {
-        return;
-    }
-    let cookies: Vec<HeaderValue> = headers.get_all(header::SET_COOKIE).iter().cloned().collect();
-    headers.remove(header::SET_COOKIE);
-    for cookie in cookies {
-        let rewritten = cookie.to_str().ok().and_then(|text| {
-            let mut changed = false;
-            let parts: Vec<String> = text
-                .split(';')
-                .enumerate()
-                .map(|(i, part)| {
-                    // The first part is the cookie itself, whatever its name.
-                    match part.trim().split_once('=').filter(|_| i > 0) {
-                        Some((name, value))
-                            if name.trim().eq_ignore_ascii_case("path")
-                                && value.trim().trim_end_matches('/') == sub_path =>
-                        {
-                            changed = true;
-                            " Path=/".to_owned()
-                        }
-                        _ => part.to_owned(),
-                    }
-                })
-                .collect();
-            changed
-                .then(|| HeaderValue::from_str(&parts.join(";")).ok())
-                .flatten()
-        });
-        headers.append(header::SET_COOKIE, rewritten.unwrap_or(cookie));
-    }
-}
-
-/// The lock-out shield's refusal, as the client gets it (429).
-fn throttled(throttle: Throttle) -> Refusal {
-    Refusal::Throttled(VerifyError::Throttled {
-        retry_after: throttle.retry_after(),
-        per_login: matches!(throttle, Throttle::Login { .. }),
-    })
-}
-
-/// Removes one cookie from every `Cookie` header, keeping the others as Go
-/// reads them (the gateway read the session cookie the same way).
-fn remove_cookie(headers: &mut HeaderMap, name: &str) {
-    let kept: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter(|part| go_cookie(part).is_some_and(|(n, _)| n != name))
-        .map(|part| part.trim().to_owned())
-        .collect();
-    headers.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(header::COOKIE, value);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strips_every_spelling() {
-        let config = Config::default();
-        let injected = InjectedHeaders::from_config(&config).unwrap();
-        let mut h = HeaderMap::new();
-        for name in [
-            "x-webauth-user",
-            "x_webauth_user",
-            "X_WEBAUTH_Role",
-            "x-webauth-org-id",
-            "x-forwarded-for",
-        ] {
-            h.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_static("admin"),
-            );
-        }
-        h.insert("x-other", HeaderValue::from_static("1"));
-        injected.strip(&mut h, false);
-        assert_eq!(h.len(), 1, "{h:?}");
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        injected.strip(&mut h, true);
-        assert_eq!(h.len(), 1);
-    }
-
-    #[test]
-    fn removes_only_the_session_cookie() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_static("a=1; grafana_session=abc; b=2"),
-        );
-        remove_cookie(&mut h, "grafana_session");
-        assert_eq!(h[header::COOKIE], "a=1; b=2");
     }
 }
