@@ -17,6 +17,15 @@
 //! shorter than it, so cached identities expire between rotations and the
 //! gateway meets the rotation answer in its own verification.
 //!
+//! Each profile runs twice: with the gateway sending the caller's
+//! credential to Grafana (`identity.grafana = "credential"`) and with
+//! Grafana's `[auth.proxy]` on and the gateway sending a verified user as
+//! identity headers (`"auth_proxy"`, issue 19). In auth-proxy mode Grafana
+//! no longer meets the session on the page's polls — the proxy client comes
+//! before the session client — so the rotation answer reaches the page
+//! through the gateway's own verification at its cache TTL, and the rotate
+//! call reaches Grafana with the cookie.
+//!
 //! `cargo test --test it browser -- --nocapture` prints the counts.
 
 #[path = "support/webdriver.rs"]
@@ -26,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use grafana_stub::{Flavor, GrafanaStub, StubOptions};
-use portcullis::config::Profile;
+use portcullis::config::{GrafanaMode, Profile};
 use serde_json::Value;
 
 use crate::support::{self, Gateway};
@@ -42,6 +51,9 @@ struct Scenario {
     name: &'static str,
     flavor: Flavor,
     profile: Profile,
+    /// How the gateway talks to Grafana; `AuthProxy` also turns the
+    /// stand-in's `[auth.proxy]` on.
+    mode: GrafanaMode,
     /// What the browser opens, e.g. `/d/abc?orgId=1`.
     open: &'static str,
     /// Path of the login page it must be sent to.
@@ -55,6 +67,7 @@ async fn start(scenario: &Scenario) -> (Arc<GrafanaStub>, Gateway) {
         GrafanaStub::start_with(StubOptions {
             flavor: scenario.flavor,
             rotation_interval: ROTATION,
+            auth_proxy: scenario.mode == GrafanaMode::AuthProxy,
             ..StubOptions::default()
         })
         .await,
@@ -63,6 +76,7 @@ async fn start(scenario: &Scenario) -> (Arc<GrafanaStub>, Gateway) {
     config.auth.profile = scenario.profile;
     config.auth.session_cookie = stub.session_cookie_name();
     config.cache.ttl = CACHE_TTL;
+    config.identity.grafana = scenario.mode;
     let gateway = support::start(config, dir).await;
     (stub, gateway)
 }
@@ -142,6 +156,7 @@ async fn sign_in_and_stay(scenario: Scenario) {
     let _one_browser = ONE_BROWSER.lock().await;
     let (stub, gw) = start(&scenario).await;
     let browser = Browser::start().await;
+    stub.record_requests(true);
     let name = scenario.name;
 
     // 1. Not signed in: sent to the login page, remembering the page.
@@ -290,6 +305,49 @@ async fn sign_in_and_stay(scenario: Scenario) {
             last.unauthorized
         ));
     }
+    // What Grafana got: never a credential and identity headers together;
+    // in auth-proxy mode (where the gateway judges the page's calls) the
+    // polls arrive as the user's identity, without the cookie.
+    // (In PMM only `/graph` is Grafana; the stand-in also plays
+    // pmm-managed, which takes identity headers beside the cookie, for
+    // the rest — a browser's `/favicon.ico`, say.)
+    let cookie = stub.session_cookie_name();
+    let sub = stub.sub_path();
+    let seen = stub.recorded_requests();
+    let both: Vec<String> = seen
+        .iter()
+        .filter(|s| s.path.starts_with(&sub) || s.header("x-forwarded-for").is_none())
+        .filter(|s| s.has_credential(&cookie) && s.has_identity_headers())
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
+    if !both.is_empty() {
+        broken.push(format!(
+            "requests reached Grafana with a credential and identity headers: {both:?}"
+        ));
+    }
+    let proxied_polls = seen
+        .iter()
+        .filter(|s| s.path.ends_with("/api/user") && s.header("x-forwarded-for").is_some())
+        .filter(|s| {
+            matches!(
+                s.authn,
+                Some(grafana_stub::Authn::SignedIn {
+                    client: grafana_stub::AuthClient::AuthProxy,
+                    ..
+                })
+            )
+        })
+        .count();
+    println!("browser {name}: polls Grafana signed in through its auth proxy: {proxied_polls}");
+    let judged = scenario.profile == Profile::Grafana;
+    if scenario.mode == GrafanaMode::AuthProxy && judged && proxied_polls < 10 {
+        broken.push(format!(
+            "only {proxied_polls} polls reached Grafana as a proxy identity"
+        ));
+    }
+    if scenario.mode == GrafanaMode::Credential && proxied_polls != 0 {
+        broken.push(format!("{proxied_polls} polls went as a proxy identity"));
+    }
     assert!(broken.is_empty(), "{name}: {}", broken.join("; "));
 }
 
@@ -297,15 +355,27 @@ async fn sign_in_and_stay(scenario: Scenario) {
 /// browser to `/login?redirectTo=…`.
 #[tokio::test]
 async fn browser_session_survives_rotations_grafana() {
-    sign_in_and_stay(Scenario {
-        name: "grafana",
+    sign_in_and_stay(grafana_scenario("grafana", GrafanaMode::Credential)).await;
+}
+
+/// The same with Grafana's `[auth.proxy]` and the gateway in auth-proxy
+/// mode: the page's requests reach Grafana as the user's identity, the
+/// login, rotation and session calls with the cookie.
+#[tokio::test]
+async fn browser_session_survives_rotations_grafana_auth_proxy() {
+    sign_in_and_stay(grafana_scenario("grafana auth_proxy", GrafanaMode::AuthProxy)).await;
+}
+
+fn grafana_scenario(name: &'static str, mode: GrafanaMode) -> Scenario {
+    Scenario {
+        name,
         flavor: Flavor::Grafana11,
         profile: Profile::Grafana,
+        mode,
         open: "/d/abc?orgId=1",
         login_path: "/login",
         redirect_to: "/d/abc?orgId=1",
-    })
-    .await;
+    }
 }
 
 /// PMM profile in front of PMM's Grafana under `/graph` (an anonymous
@@ -314,13 +384,25 @@ async fn browser_session_survives_rotations_grafana() {
 /// `getRedirectToQueryParam` writes it).
 #[tokio::test]
 async fn browser_session_survives_rotations_pmm() {
-    sign_in_and_stay(Scenario {
-        name: "pmm",
+    sign_in_and_stay(pmm_scenario("pmm", GrafanaMode::Credential)).await;
+}
+
+/// PMM with `[auth.proxy]` on and the gateway in auth-proxy mode. `/graph`
+/// is anonymous in PMM's table, so the browser's session still reaches
+/// Grafana as its cookie; what must hold is that nothing breaks.
+#[tokio::test]
+async fn browser_session_survives_rotations_pmm_auth_proxy() {
+    sign_in_and_stay(pmm_scenario("pmm auth_proxy", GrafanaMode::AuthProxy)).await;
+}
+
+fn pmm_scenario(name: &'static str, mode: GrafanaMode) -> Scenario {
+    Scenario {
+        name,
         flavor: Flavor::Pmm,
         profile: Profile::Pmm,
+        mode,
         open: "/graph/d/abc",
         login_path: "/graph/login",
         redirect_to: "/d/abc",
-    })
-    .await;
+    }
 }
