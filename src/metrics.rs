@@ -5,7 +5,6 @@
 //! Prometheus' text format or in OpenMetrics. A base room: it imports
 //! nothing of ours.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -514,14 +513,6 @@ fn max_fds() -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-/// One metric in Prometheus' text format; `samples` are (labels, value),
-/// labels written as `{k="v"}` or empty.
-pub fn write_metric(out: &mut String, kind: &str, name: &str, help: &str, samples: &[(&str, u64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
-    }
-}
 
 #[cfg(test)]
 mod tests {

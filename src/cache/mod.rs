@@ -15,7 +15,6 @@ pub use shared::{Shared, SharedStats};
 
 pub use crate::metrics::Source;
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -375,67 +374,6 @@ impl Cache {
     pub fn clear_local(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.local.clear();
-    }
-
-    /// Lines for `/metrics` about L2 and the bus (nothing without Redis).
-    pub fn render_metrics(&self, out: &mut String) {
-        let Some(shared) = &self.shared else { return };
-        let s = &shared.stats;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        for (name, help, value) in [
-            (
-                "portcullis_redis_hits_total",
-                "Identities found in Redis.",
-                &s.hits,
-            ),
-            (
-                "portcullis_redis_misses_total",
-                "Redis lookups that found nothing.",
-                &s.misses,
-            ),
-            (
-                "portcullis_redis_writes_total",
-                "Identities written to Redis.",
-                &s.writes,
-            ),
-            (
-                "portcullis_redis_errors_total",
-                "Redis calls that failed or timed out.",
-                &s.errors,
-            ),
-            (
-                "portcullis_redis_skipped_total",
-                "Redis calls skipped while Redis was down.",
-                &s.skipped,
-            ),
-            (
-                "portcullis_redis_reconnects_total",
-                "Reconnections to Redis.",
-                &s.reconnects,
-            ),
-            (
-                "portcullis_evictions_published_total",
-                "Evictions published on the bus.",
-                &s.evictions_published,
-            ),
-            (
-                "portcullis_evictions_received_total",
-                "Evictions received from the bus and applied.",
-                &s.evictions_received,
-            ),
-            (
-                "portcullis_evictions_unconfirmed_total",
-                "Broadcasts not confirmed by every replica in time.",
-                &s.evictions_unconfirmed,
-            ),
-        ] {
-            crate::metrics::write_metric(out, "counter", name, help, &[("", load(value))]);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP portcullis_redis_up Redis commands and eviction bus both usable.\n# TYPE portcullis_redis_up gauge\nportcullis_redis_up {}",
-            u8::from(shared.is_up())
-        );
     }
 
     pub fn len(&self) -> usize {
