@@ -513,7 +513,6 @@ fn max_fds() -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
