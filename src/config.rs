@@ -440,6 +440,24 @@ pub struct RouteConfig {
     pub grafana: Option<bool>,
 }
 
+impl RouteConfig {
+    /// A rule for `prefix` needing `min_role`, every other field at its
+    /// default (credentials forwarded, identity injected, `upstream.url`).
+    pub fn rule(prefix: &str, min_role: Role) -> RouteConfig {
+        RouteConfig {
+            prefix: prefix.into(),
+            method: None,
+            host: None,
+            min_role,
+            upstream: None,
+            rewrite: None,
+            forward_credentials: true,
+            inject_identity: true,
+            grafana: None,
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }

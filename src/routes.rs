@@ -282,17 +282,7 @@ pub fn normalise_host(raw: &str) -> String {
 }
 
 fn rule(prefix: &str, min_role: Role) -> RouteConfig {
-    RouteConfig {
-        prefix: prefix.into(),
-        method: None,
-        host: None,
-        min_role,
-        upstream: None,
-        rewrite: None,
-        forward_credentials: true,
-        inject_identity: true,
-        grafana: None,
-    }
+    RouteConfig::rule(prefix, min_role)
 }
 
 fn alias(method: &str, prefix: &str, to: &str) -> RouteConfig {

@@ -665,15 +665,8 @@ async fn vanilla_grafana_tokens_use_fallbacks() {
 async fn route_can_withhold_credentials_from_the_upstream() {
     let (stub, gw) = setup_with(Flavor::Pmm, Profile::Pmm, |c| {
         c.routes.push(RouteConfig {
-            prefix: "/v1/qan".into(),
-            method: None,
-            host: None,
-            min_role: Role::Viewer,
-            upstream: None,
-            rewrite: None,
             forward_credentials: false,
-            inject_identity: true,
-            grafana: None,
+            ..RouteConfig::rule("/v1/qan", Role::Viewer)
         });
     })
     .await;

@@ -44,26 +44,12 @@ async fn gateway(
     support::start(config, dir).await
 }
 
-fn rule(prefix: &str, min_role: Role) -> RouteConfig {
-    RouteConfig {
-        prefix: prefix.into(),
-        method: None,
-        host: None,
-        min_role,
-        upstream: None,
-        rewrite: None,
-        forward_credentials: true,
-        inject_identity: true,
-        grafana: None,
-    }
-}
-
 /// The behaviour before issue 19, for the controls: a route that carries the
 /// credential *and* the identity headers to Grafana.
 fn old_style(prefix: &str) -> RouteConfig {
     RouteConfig {
         grafana: Some(false),
-        ..rule(prefix, Role::Viewer)
+        ..RouteConfig::rule(prefix, Role::Viewer)
     }
 }
 
@@ -170,10 +156,10 @@ async fn no_identity_header_beside_a_credential(
             // auth-proxy mode, proxies) users there too; its login flow stays
             // open. PMM's own table leaves `/graph` anonymous: credentials
             // then go through unjudged, which the profile's default covers.
-            config.routes.push(rule("/graph", Role::Viewer));
-            config.routes.push(rule("/graph/login", Role::None));
-            config.routes.push(rule("/graph/logout", Role::None));
-            config.routes.push(rule("/graph/public", Role::None));
+            config.routes.push(RouteConfig::rule("/graph", Role::Viewer));
+            config.routes.push(RouteConfig::rule("/graph/login", Role::None));
+            config.routes.push(RouteConfig::rule("/graph/logout", Role::None));
+            config.routes.push(RouteConfig::rule("/graph/public", Role::None));
         }
         if control {
             config.routes.push(old_style(&format!("{sub}/api")));
@@ -792,9 +778,9 @@ async fn session_flow(flow: &Flow, mode: GrafanaMode) {
     let alice = stub.add_user("alice", "alice-pw-1", "Viewer", false);
     let gw = gateway(&stub, flow.profile, mode, |config| {
         if flow.judged_graph {
-            config.routes.push(rule("/graph", Role::Viewer));
-            config.routes.push(rule("/graph/login", Role::None));
-            config.routes.push(rule("/graph/logout", Role::None));
+            config.routes.push(RouteConfig::rule("/graph", Role::Viewer));
+            config.routes.push(RouteConfig::rule("/graph/login", Role::None));
+            config.routes.push(RouteConfig::rule("/graph/logout", Role::None));
         }
     })
     .await;

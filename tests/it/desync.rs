@@ -30,17 +30,7 @@ const MODES: [Mode; 2] = [Mode::Direct, Mode::Pooled];
 fn config(upstream_url: &str, mode: Mode) -> (Config, tempfile::TempDir) {
     let (mut config, dir) = support::config(upstream_url);
     config.auth.profile = Profile::Custom;
-    config.routes = vec![RouteConfig {
-        prefix: "/".into(),
-        method: None,
-        host: None,
-        min_role: Role::None,
-        upstream: None,
-        rewrite: None,
-        forward_credentials: true,
-        inject_identity: true,
-        grafana: None,
-    }];
+    config.routes = vec![RouteConfig::rule("/", Role::None)];
     config.upstream.direct_exchange = mode == Mode::Direct;
     config.upstream.response_timeout = Duration::from_secs(1);
     (config, dir)

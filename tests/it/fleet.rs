@@ -456,15 +456,8 @@ async fn role_lowered_on_a_is_forbidden_on_b() {
     // Reading the org needs Editor here, so that lowering to Viewer shows.
     let editors_only = |config: &mut Config| {
         config.routes.push(RouteConfig {
-            prefix: PROBE.into(),
             method: Some("GET".into()),
-            host: None,
-            min_role: Role::Editor,
-            upstream: None,
-            rewrite: None,
-            forward_credentials: true,
-            inject_identity: true,
-            grafana: None,
+            ..RouteConfig::rule(PROBE, Role::Editor)
         })
     };
     let (a, b) = pair(&stub, &redis, editors_only).await;

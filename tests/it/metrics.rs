@@ -44,17 +44,7 @@ async fn metrics_pass_promtool_and_the_text_access_log_reads_well() {
     config.log.access_log = true;
     config.log.format = LogFormat::Text;
     config.log.level = "info".into();
-    config.routes.push(RouteConfig {
-        prefix: "/api/admin".into(),
-        method: None,
-        host: None,
-        min_role: Role::Admin,
-        upstream: None,
-        rewrite: None,
-        forward_credentials: true,
-        inject_identity: true,
-        grafana: None,
-    });
+    config.routes.push(RouteConfig::rule("/api/admin", Role::Admin));
     let mut gw = TextGateway::spawn(config.to_toml(), dir).await;
     let http = client();
     let get = |path: &str, agent: &str| {

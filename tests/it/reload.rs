@@ -17,17 +17,7 @@ const AREA: &str = "/__stub/echo/reloadable-area";
 
 fn with_area(config: &mut Config, min_role: Role) {
     config.routes.retain(|r| r.prefix != AREA);
-    config.routes.push(RouteConfig {
-        prefix: AREA.into(),
-        method: None,
-        host: None,
-        min_role,
-        upstream: None,
-        rewrite: None,
-        forward_credentials: true,
-        inject_identity: true,
-        grafana: None,
-    });
+    config.routes.push(RouteConfig::rule(AREA, min_role));
 }
 
 async fn wait_for_log(process: &binary::Process, needle: &str, seen_before: usize) {

@@ -54,17 +54,7 @@ async fn fleet(profile: Profile) -> Fleet {
             (EDITOR_PROBE, Role::Editor),
             (SERVER_ADMIN_PROBE, Role::GrafanaAdmin),
         ] {
-            config.routes.push(RouteConfig {
-                prefix: prefix.into(),
-                method: None,
-                host: None,
-                min_role,
-                upstream: None,
-                rewrite: None,
-                forward_credentials: true,
-                inject_identity: true,
-                grafana: None,
-            });
+            config.routes.push(RouteConfig::rule(prefix, min_role));
         }
         gateways.push(fleet::start_gateway(config, dir).await);
     }

@@ -210,17 +210,10 @@ async fn a_request_is_judged_with_the_callers_role_in_the_org_it_selects() {
     let gw = start(&stub, |config| {
         config.identity.send_role = true;
         config.routes.push(portcullis::config::RouteConfig {
-            prefix: ADMIN_AREA.into(),
-            method: None,
-            host: None,
-            min_role: portcullis::auth::Role::Admin,
-            upstream: None,
-            rewrite: None,
-            forward_credentials: true,
-            inject_identity: true,
             // Not Grafana (which gets no identity header in credential mode):
             // an upstream that takes the identity headers as they come.
             grafana: Some(false),
+            ..portcullis::config::RouteConfig::rule(ADMIN_AREA, portcullis::auth::Role::Admin)
         });
     })
     .await;

@@ -13,17 +13,7 @@ use crate::support;
 pub fn passthrough(upstream_url: &str) -> (Config, tempfile::TempDir) {
     let (mut config, dir) = support::config(upstream_url);
     config.auth.profile = Profile::Custom;
-    config.routes = vec![RouteConfig {
-        prefix: "/".into(),
-        method: None,
-        host: None,
-        min_role: Role::None,
-        upstream: None,
-        rewrite: None,
-        forward_credentials: true,
-        inject_identity: true,
-        grafana: None,
-    }];
+    config.routes = vec![RouteConfig::rule("/", Role::None)];
     (config, dir)
 }
 
