@@ -59,19 +59,46 @@ pub fn is_login_form(method: &http::Method, path: &str) -> bool {
     method == http::Method::POST && path.trim_end_matches('/') == "/login"
 }
 
-/// The password a login form carries, as Grafana's `LoginCommand` reads it.
+/// The password a login form carries, exactly as Grafana's `LoginCommand`
+/// is read by Go's `encoding/json`: keys match `user` and `password` in any
+/// case, and the last of several wins there. Anything this cannot read as
+/// Grafana would — a second key of either name in any case, a non-string,
+/// no user, not one JSON object — is `None`, and the form is refused rather
+/// than forwarded unweighed.
 pub fn login_form_credential(body: &[u8]) -> Option<Credential> {
-    #[derive(serde::Deserialize)]
-    struct LoginForm {
-        user: String,
-        #[serde(default)]
-        password: String,
+    /// The object's members in order, duplicates kept.
+    struct Members(Vec<(String, serde_json::Value)>);
+    impl<'de> serde::Deserialize<'de> for Members {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Members, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Members;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                    let mut members = Vec::new();
+                    while let Some(member) = map.next_entry::<String, serde_json::Value>()? {
+                        members.push(member);
+                    }
+                    Ok(Members(members))
+                }
+            }
+            d.deserialize_map(Visit)
+        }
     }
-    let form: LoginForm = serde_json::from_slice(body).ok()?;
-    (!form.user.is_empty()).then_some(Credential::Password {
-        user: form.user,
-        password: form.password,
-    })
+    let Members(members) = serde_json::from_slice(body).ok()?;
+    let field = |name: &str| -> Option<Option<String>> {
+        let mut found = members.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
+        match (found.next(), found.next()) {
+            (None, _) => Some(None),
+            (Some((_, serde_json::Value::String(v))), None) => Some(Some(v.clone())),
+            _ => None,
+        }
+    };
+    let user = field("user")??;
+    let password = field("password")?.unwrap_or_default();
+    (!user.is_empty()).then_some(Credential::Password { user, password })
 }
 
 /// Why the shield refused to let a check reach Grafana.
@@ -136,6 +163,8 @@ pub struct Shield {
     /// Reserved or failed slots per login: (slot id, when, in ms).
     logins: DashMap<CacheKey, VecDeque<(u64, u64)>>,
     known_good: DashMap<CacheKey, u64>,
+    /// Known-good passwords with a check under way (one at a time each).
+    known_good_busy: DashMap<CacheKey, ()>,
     clients: DefaultKeyedRateLimiter<IpAddr>,
     /// Addresses past their budget, and until when (ms).
     blocked: DashMap<IpAddr, u64>,
@@ -163,6 +192,7 @@ impl Shield {
             known_good_for: config.known_good_for,
             logins: DashMap::new(),
             known_good: DashMap::new(),
+            known_good_busy: DashMap::new(),
             clients: RateLimiter::keyed(quota),
             blocked: DashMap::new(),
             client_window: config.client_failure_window,
@@ -199,7 +229,11 @@ impl Shield {
             });
         };
         let login = keyer.login_key(user);
-        let known_good = self.is_known_good(&key, now).await;
+        // A known-good password skips the budget one check at a time: a
+        // leaked old password sent many times at once must not add up to
+        // Grafana's lock-out before the first refusal forgets it.
+        let known_good =
+            self.is_known_good(&key, now).await && self.known_good_busy.insert(key, ()).is_none();
         let slot = if known_good {
             None
         } else {
@@ -232,6 +266,9 @@ impl Shield {
         let Some(password) = admission.password else {
             return;
         };
+        if password.known_good {
+            self.known_good_busy.remove(&password.credential);
+        }
         match checked {
             Checked::Good => {
                 if let Some(slot) = &password.slot {
@@ -244,11 +281,32 @@ impl Shield {
                     // The password changed: it is a stranger's now.
                     self.remember(password.credential, false).await;
                 }
+                if let Some(slot) = &password.slot {
+                    // Grafana counts the failure from when it finished
+                    // checking, not from the reservation.
+                    self.restamp(&password.login, slot).await;
+                }
             }
             Checked::Unknown => {
                 if let Some(slot) = &password.slot {
                     self.release(&password.login, slot).await;
                 }
+            }
+        }
+    }
+
+    async fn restamp(&self, login: &CacheKey, slot: &Slot) {
+        let now = now_ms();
+        if slot.shared {
+            if let Some(shared) = &self.shared {
+                shared.restamp_failure(login, &self.member(slot.id), now).await;
+            }
+            return;
+        }
+        if let Some(mut slots) = self.logins.get_mut(login) {
+            if let Some(at) = slots.iter().position(|(id, _)| *id == slot.id) {
+                slots.remove(at);
+                slots.push_back((slot.id, now));
             }
         }
     }
@@ -424,6 +482,34 @@ mod tests {
     }
 
     const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn login_forms_are_read_as_grafana_reads_them_or_not_at_all() {
+        let user = |body: &str| match login_form_credential(body.as_bytes()) {
+            Some(Credential::Password { user, password }) => Some((user, password)),
+            _ => None,
+        };
+        assert_eq!(
+            user(r#"{"user":"admin","password":"x"}"#),
+            Some(("admin".into(), "x".into()))
+        );
+        assert_eq!(
+            user(r#"{"USER":"admin","Password":"x"}"#),
+            Some(("admin".into(), "x".into()))
+        );
+        assert_eq!(user(r#"{"user":"admin"}"#), Some(("admin".into(), "".into())));
+        // Go would take the last of these, or read past what serde stops at:
+        // refused rather than weighed as something else.
+        assert_eq!(user(r#"{"user":"a","user":"admin","password":"x"}"#), None);
+        assert_eq!(
+            user(r#"{"user":"admin","password":"g","User":"me","Password":"p"}"#),
+            None
+        );
+        assert_eq!(user(r#"{"user":"admin","password":"x"} junk"#), None);
+        assert_eq!(user(r#"{"user":1,"password":"x"}"#), None);
+        assert_eq!(user(r#"{"user":"\ud800","password":"x"}"#), None);
+        assert_eq!(user(""), None);
+    }
 
     #[tokio::test]
     async fn budget_is_reserved_before_the_check_and_a_good_password_still_passes() {

@@ -877,16 +877,65 @@ fn echo(req: &Req) -> Value {
 
 // ---- login, logout, rotation -----------------------------------------------------
 
-#[derive(Deserialize)]
+/// Grafana's `LoginCommand`, read as Go's `encoding/json` reads it
+/// (`web.Bind`): the first JSON value only, keys matched to `user` and
+/// `password` in any case, and the last of several wins.
 struct LoginForm {
-    #[serde(default)]
     user: String,
-    #[serde(default)]
     password: String,
 }
 
+impl LoginForm {
+    fn read(body: &[u8]) -> Result<LoginForm, ApiError> {
+        let bad = || ApiError::new(StatusCode::BAD_REQUEST, "bad request data");
+        let first = serde_json::Deserializer::from_slice(body)
+            .into_iter::<Members>()
+            .next()
+            .ok_or_else(bad)?
+            .map_err(|_| bad())?;
+        let mut form = LoginForm {
+            user: String::new(),
+            password: String::new(),
+        };
+        for (key, value) in first.0 {
+            let slot = if key.eq_ignore_ascii_case("user") {
+                &mut form.user
+            } else if key.eq_ignore_ascii_case("password") {
+                &mut form.password
+            } else {
+                continue;
+            };
+            *slot = value.as_str().ok_or_else(bad)?.to_owned();
+        }
+        Ok(form)
+    }
+}
+
+/// A JSON object's members in document order, duplicates kept.
+struct Members(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Members, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, Value>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 async fn login(shared: &Arc<Shared>, req: &Req) -> Result<Response<Body>, ApiError> {
-    let form: LoginForm = req.json()?;
+    let form = LoginForm::read(&req.body)?;
     let user_id = auth::check_password(shared, &form.user, &form.password).await?;
     let (token, session_id) = auth::create_session(shared, user_id, &req.client_ip(), &req.user_agent());
     let session = shared

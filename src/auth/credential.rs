@@ -41,7 +41,7 @@ pub enum CredentialError {
     DuplicateAuthorization,
     #[error("Authorization header is not visible ASCII")]
     NotAscii,
-    #[error("more than one session cookie")]
+    #[error("more than one session cookie, or an escaped one")]
     AmbiguousSession,
     /// Well-framed but unusable credentials: answered 401.
     #[error("unsupported authorization scheme")]
@@ -302,6 +302,12 @@ fn session_from_cookies(headers: &HeaderMap, name: &str) -> Result<Option<String
         if found.is_some() {
             return Err(CredentialError::AmbiguousSession);
         }
+        // Grafana unescapes the value (`url.QueryUnescape`) before looking
+        // the token up: `%61bc` would be one session to Grafana and another
+        // cache key here, out of reach of its logout. Tokens are plain.
+        if value.contains(['%', '+']) {
+            return Err(CredentialError::AmbiguousSession);
+        }
         found = Some(value);
     }
     Ok(found
@@ -386,6 +392,15 @@ mod tests {
         assert_eq!(session(&["x=\"a; grafana_session=evil\""]), Ok(None));
         assert_eq!(session(&["grafana_session=ab\\c"]), Ok(None));
         assert_eq!(session(&["grafana_session=\"abc"]), Ok(None));
+        // Escaped: Grafana would unescape it into another spelling.
+        assert_eq!(
+            session(&["grafana_session=%61bc"]),
+            Err(CredentialError::AmbiguousSession)
+        );
+        assert_eq!(
+            session(&["grafana_session=a+bc"]),
+            Err(CredentialError::AmbiguousSession)
+        );
     }
 
     #[test]

@@ -36,11 +36,12 @@ pub fn requested(headers: &HeaderMap, query: Option<&str>) -> Result<Option<i64>
             Some(id)
         }
     };
+    // Grafana reads the query as Go's `URL.Query()` does: names and values
+    // unescaped (`targetOrg%49d` is `targetOrgId` there).
     let from_query = match query {
-        Some(q) if q.contains(ORG_QUERY) => {
+        Some(q) if q.contains(ORG_QUERY) || q.contains('%') => {
             let mut found = None;
-            for pair in q.split('&') {
-                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            for (name, value) in form_urlencoded::parse(q.as_bytes()) {
                 if name == ORG_QUERY {
                     let id = value
                         .parse::<i64>()
@@ -94,5 +95,10 @@ mod tests {
             Err(OrgError::BadQuery)
         );
         assert_eq!(requested(&headers(&[]), Some("xtargetOrgId=2")), Ok(None));
+        assert_eq!(requested(&headers(&[]), Some("targetOrg%49d=2")), Ok(Some(2)));
+        assert_eq!(
+            requested(&headers(&["1"]), Some("targetOrg%49d=2")),
+            Err(OrgError::Conflict)
+        );
     }
 }

@@ -135,7 +135,13 @@ impl Keyer {
     /// every credential's key.
     pub fn login_key(&self, login: &str) -> CacheKey {
         let mut mac = self.mac.clone();
-        let login = login.to_lowercase();
+        // Go's strings.ToLower maps each character on its own (`İ` to `i`);
+        // Rust's full mapping would make `İ` two characters and a second
+        // budget for what Grafana counts as the same login.
+        let login: String = login
+            .chars()
+            .map(|c| c.to_lowercase().next().unwrap_or(c))
+            .collect();
         for part in [b"login-failures".as_slice(), login.as_bytes()] {
             mac.update(&(part.len() as u32).to_be_bytes());
             mac.update(part);
@@ -147,6 +153,14 @@ impl Keyer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logins_fold_as_go_folds_them() {
+        let k = Keyer::new(&[1; 32], KeyOrigin::File);
+        assert_eq!(k.login_key("admİn"), k.login_key("admin"));
+        assert_eq!(k.login_key("ADMIN"), k.login_key("admin"));
+        assert_ne!(k.login_key("admin2"), k.login_key("admin"));
+    }
 
     #[test]
     fn key_depends_on_secret_and_hmac_key() {

@@ -446,6 +446,17 @@ return -1
         })
     }
 
+    /// Moves a failed slot's time to `now_ms`, when Grafana counted it.
+    pub async fn restamp_failure(&self, login: &CacheKey, member: &str, now_ms: u64) {
+        let cmd = redis::cmd("ZADD")
+            .arg(self.failures_key(login))
+            .arg("XX")
+            .arg(now_ms)
+            .arg(member)
+            .clone();
+        self.run(&[cmd], false).await;
+    }
+
     /// Gives a reserved failure slot back (the check did not fail).
     pub async fn release_failure(&self, login: &CacheKey, member: &str) {
         let cmd = redis::cmd("ZREM")

@@ -705,7 +705,8 @@ impl Gateway {
                     .map_err(throttled)?;
                 Some(admission)
             }
-            None => None,
+            // Forwarded unweighed, Grafana would count its password anyway.
+            None => return Err(Refusal::UnreadableLoginForm),
         };
         let body = RequestBody::Read(http_body_util::Full::new(bytes));
         Ok((Request::from_parts(parts, body), admission))

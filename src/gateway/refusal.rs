@@ -44,6 +44,9 @@ pub enum Refusal {
     Throttled(VerifyError),
     #[error("login form larger than the gateway reads")]
     BadLoginForm,
+    /// A login form the gateway cannot read exactly as Grafana would.
+    #[error("login form not read as Grafana reads it")]
+    UnreadableLoginForm,
     #[error("TRACE is not forwarded")]
     MethodNotAllowed,
     #[error("request header fields larger than server.max_header_bytes")]
@@ -82,6 +85,7 @@ impl Refusal {
             Refusal::VerifierUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BadLoginForm => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::UnreadableLoginForm => StatusCode::BAD_REQUEST,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::BadBody => StatusCode::BAD_REQUEST,
@@ -107,6 +111,9 @@ impl Refusal {
             }
             Refusal::Throttled(_) => "Too many failed attempts from this address: try again later".into(),
             Refusal::BadLoginForm => "Login form too large".into(),
+            Refusal::UnreadableLoginForm => {
+                "Bad request: a login form is one JSON object with one user and one password".into()
+            }
             Refusal::MethodNotAllowed => "Method not allowed".into(),
             Refusal::HeadTooLarge => "Request header fields too large".into(),
             Refusal::BadBody => "Bad request: unreadable request body".into(),

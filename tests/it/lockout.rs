@@ -283,3 +283,41 @@ async fn the_login_form_is_shielded_under_every_spelling() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_login_form_read_differently_by_grafana_is_refused_not_forwarded() {
+    let stub = GrafanaStub::start(Flavor::Grafana11).await;
+    let gw = start(&stub, Profile::Grafana, |_| {}).await;
+    // Go reads keys in any case, lets the last duplicate win and stops after
+    // the first value: each of these would reach Grafana's password check
+    // unweighed, or weigh one login while Grafana checks another.
+    for body in [
+        r#"{"USER":"admin","PASSWORD":"x"}"#.to_owned(),
+        r#"{"user":"admin","password":"g","User":"me","Password":"p"}"#.to_owned(),
+        r#"{"user":"admin","password":"x"} junk"#.to_owned(),
+    ] {
+        for _ in 0..3 {
+            let status = client()
+                .post(format!("{}/login", gw.url))
+                .header("Content-Type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert!(
+                status == StatusCode::BAD_REQUEST || status == StatusCode::UNAUTHORIZED,
+                "{body}: {status}"
+            );
+        }
+    }
+    assert!(
+        stub.failed_logins("admin") < GRAFANA_LOCKS_AT,
+        "Grafana counted {}",
+        stub.failed_logins("admin")
+    );
+    assert!(
+        stub.login("admin", "admin").is_some(),
+        "admin locked out at Grafana"
+    );
+}
