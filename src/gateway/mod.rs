@@ -386,7 +386,7 @@ impl Gateway {
         let mut response = self
             .forward(request, client_upgrade, &ctx, peer, outcomes)
             .await?;
-        self.response_filter(&mut response, ctx, outcomes).await;
+        self.response_filter(&mut response, &ctx, outcomes).await;
         Ok(response)
     }
 
@@ -636,7 +636,7 @@ impl Gateway {
     async fn response_filter(
         &self,
         response: &mut Response<Body>,
-        ctx: Ctx<'_, '_>,
+        ctx: &Ctx<'_, '_>,
         outcomes: &Outcomes<'_>,
     ) {
         let route = ctx.route;
@@ -664,7 +664,7 @@ impl Gateway {
                 Box::pin(self.revoke_after(
                     call,
                     &ctx.upstream_path,
-                    ctx.caller,
+                    ctx.caller.clone(),
                     ctx.cache_key,
                     ctx.credential.as_ref(),
                     request,
