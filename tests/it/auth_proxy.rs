@@ -12,7 +12,7 @@ use std::time::Duration;
 use grafana_stub::{AuthClient, Authn, Flavor, GrafanaStub, SeenRequest, StubOptions};
 use portcullis::auth::Role;
 use portcullis::config::{Config, GrafanaMode, Profile, RouteConfig};
-use reqwest::header::{COOKIE, SET_COOKIE};
+use reqwest::header::COOKIE;
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::Value;
 
@@ -55,17 +55,7 @@ fn old_style(prefix: &str) -> RouteConfig {
 
 /// `name=value` of the `Set-Cookie` that sets `name` to a value.
 fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
-    response
-        .headers()
-        .get_all(SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(|v| v.split(';').next())
-        .find(|pair| {
-            pair.split_once('=')
-                .is_some_and(|(n, v)| n == name && !v.is_empty())
-        })
-        .map(str::to_owned)
+    support::set_cookie(response, name).map(|value| format!("{name}={value}"))
 }
 
 /// How a test client presents itself.

@@ -8,7 +8,7 @@
 //! that A saw every confirmation — no sleeps, no polling of B.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use portcullis::cache::SharedStats;
 use portcullis::config::{Config, RouteConfig};
 use reqwest::StatusCode;
 
+use crate::support::load::Load;
 use crate::support::{self, client, Gateway};
 
 /// Shared HMAC key of the test fleets (never a credential).
@@ -507,39 +508,13 @@ async fn redis_killed_under_load_fails_no_request_and_comes_back() {
         }
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for n in 0..200usize {
-        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
-        let gw = gateways[n % 2].clone();
-        let auth = credentials[n % credentials.len()].clone();
-        let http = http.clone();
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let ok = match auth.apply(http.get(format!("{}{PROBE}", gw.url))).send().await {
-                    Ok(r) => r.status() == StatusCode::OK,
-                    Err(_) => false,
-                };
-                if !ok {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    // Runs until `n` more requests have completed (or fails after a minute).
-    let progress = |n: u64| {
-        let done = done.clone();
-        async move {
-            let target = done.load(Ordering::Relaxed) + n;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while done.load(Ordering::Relaxed) < target {
-                assert!(Instant::now() < deadline, "clients stalled");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
+    let load = {
+        let (gateways, credentials, http) = (gateways.clone(), credentials.clone(), http.clone());
+        Load::start(200, move |n| {
+            let gw = gateways[n % 2].clone();
+            let request = credentials[n % credentials.len()].apply(http.get(format!("{}{PROBE}", gw.url)));
+            async move { request.send().await.is_ok_and(|r| r.status() == StatusCode::OK) }
+        })
     };
     let redis_state = |want: RedisState| {
         let gateways = gateways.clone();
@@ -555,7 +530,7 @@ async fn redis_killed_under_load_fails_no_request_and_comes_back() {
         }
     };
 
-    progress(1000).await;
+    load.progress(1000).await;
     redis.kill();
     redis_state(RedisState::Degraded).await;
     let ready = http
@@ -568,16 +543,11 @@ async fn redis_killed_under_load_fails_no_request_and_comes_back() {
         ready.json::<serde_json::Value>().await.unwrap()["redis"],
         "degraded"
     );
-    progress(2000).await;
+    load.progress(2000).await;
     redis.launch().await;
     redis_state(RedisState::Up).await;
-    progress(2000).await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let total = done.load(Ordering::Relaxed);
-    let failures = failed.load(Ordering::Relaxed);
+    load.progress(2000).await;
+    let (total, failures) = load.stop().await;
     eprintln!("Redis kill: {total} requests, {failures} failed");
     assert_eq!(failures, 0, "requests failed while Redis was away");
 

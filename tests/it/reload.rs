@@ -2,8 +2,6 @@
 //! identity and the rest take effect for new requests, no request fails, an
 //! invalid file changes nothing, and what needs a restart is said so.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use grafana_stub::{Flavor, GrafanaStub};
@@ -11,6 +9,7 @@ use portcullis::auth::Role;
 use portcullis::config::{Config, Profile, RouteConfig};
 use reqwest::StatusCode;
 
+use crate::support::load::Load;
 use crate::support::{self, binary, client};
 
 const AREA: &str = "/__stub/echo/reloadable-area";
@@ -53,40 +52,20 @@ async fn sighup_reloads_under_load_without_a_failed_request() {
     assert_eq!(area(&http).await.unwrap().status(), StatusCode::FORBIDDEN);
 
     // Load: clients on kept-alive connections, every answer must be 200.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..8 {
-        let (stop, done, failed, url) = (stop.clone(), done.clone(), failed.clone(), url.clone());
-        clients.push(tokio::spawn(async move {
-            let http = client();
-            while !stop.load(Ordering::Relaxed) {
-                let ok = http
-                    .get(format!("{url}/api/org"))
+    let load = {
+        let url = url.clone();
+        Load::start(8, move |_| {
+            let (http, url) = (client(), url.clone());
+            async move {
+                http.get(format!("{url}/api/org"))
                     .basic_auth("reader", Some("reader-pw-1"))
                     .send()
                     .await
-                    .is_ok_and(|r| r.status() == StatusCode::OK);
-                if !ok {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                done.fetch_add(1, Ordering::Relaxed);
+                    .is_ok_and(|r| r.status() == StatusCode::OK)
             }
-        }));
-    }
-    let progress = |n: u64| {
-        let done = done.clone();
-        async move {
-            let target = done.load(Ordering::Relaxed) + n;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while done.load(Ordering::Relaxed) < target {
-                assert!(Instant::now() < deadline, "clients stalled");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
+        })
     };
-    progress(200).await;
+    load.progress(200).await;
 
     // A valid change: the area opens to Viewers, the log gets quieter, and a
     // listener change is reported as needing a restart.
@@ -105,7 +84,7 @@ async fn sighup_reloads_under_load_without_a_failed_request() {
         process.logs().contains("server.admin_listen"),
         "a restart is asked for the listener"
     );
-    progress(200).await;
+    load.progress(200).await;
     assert_eq!(
         area(&http).await.unwrap().status(),
         StatusCode::OK,
@@ -117,18 +96,14 @@ async fn sighup_reloads_under_load_without_a_failed_request() {
     let before = process.logs().matches("configuration not reloaded").count();
     process.signal(libc::SIGHUP);
     wait_for_log(&process, "configuration not reloaded", before).await;
-    progress(200).await;
+    load.progress(200).await;
     assert_eq!(
         area(&http).await.unwrap().status(),
         StatusCode::OK,
         "the last good config stays"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let (done, failed) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (done, failed) = load.stop().await;
     println!("{done} requests across two reloads, {failed} failed");
     assert_eq!(failed, 0, "no request may fail across a reload");
     process.signal(libc::SIGTERM);

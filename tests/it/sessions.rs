@@ -10,7 +10,7 @@ use reqwest::header::{ACCEPT, COOKIE, LOCATION, SET_COOKIE};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{self, client, Gateway};
+use crate::support::{self, client, set_cookie, Gateway};
 
 const ROTATION: Duration = Duration::from_secs(600);
 
@@ -20,21 +20,6 @@ async fn start(stub: &GrafanaStub, tweak: impl FnOnce(&mut Config)) -> Gateway {
     config.auth.session_cookie = stub.session_cookie_name();
     tweak(&mut config);
     support::start(config, dir).await
-}
-
-/// `name=value` of a `Set-Cookie` in `response`, if it sets `name`.
-fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
-    response
-        .headers()
-        .get_all(SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(|v| v.split(';').next())
-        .find_map(|pair| {
-            pair.split_once('=')
-                .filter(|(n, v)| *n == name && !v.is_empty())
-                .map(|(_, v)| v.to_owned())
-        })
 }
 
 async fn get_with_cookie(url: &str, cookie: &str) -> (StatusCode, String) {

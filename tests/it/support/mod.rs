@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod load;
 pub mod plain;
 pub mod raw;
 pub mod scripted;
@@ -114,4 +115,19 @@ pub async fn curl(args: &[&str]) -> (u16, String) {
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The value a `Set-Cookie` of `response` gives `name`, if one does.
+pub fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .find_map(|pair| {
+            pair.split_once('=')
+                .filter(|(n, v)| *n == name && !v.is_empty())
+                .map(|(_, v)| v.to_owned())
+        })
 }
