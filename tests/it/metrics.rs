@@ -6,13 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use grafana_stub::{Flavor, GrafanaStub};
 use portcullis::auth::Role;
 use portcullis::config::{LogFormat, Profile, RouteConfig};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::support::{self, binary, client};
 
@@ -45,7 +43,7 @@ async fn metrics_pass_promtool_and_the_text_access_log_reads_well() {
     config.log.format = LogFormat::Text;
     config.log.level = "info".into();
     config.routes.push(RouteConfig::rule("/api/admin", Role::Admin));
-    let mut gw = TextGateway::spawn(config.to_toml(), dir).await;
+    let mut gw = binary::spawn_as_configured(config, dir).await;
     let http = client();
     let get = |path: &str, agent: &str| {
         http.get(format!("{}{path}", gw.url))
@@ -256,7 +254,10 @@ async fn metrics_pass_promtool_and_the_text_access_log_reads_well() {
 
     // The access log, as a pipe gets it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    gw.stop().await;
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait(Duration::from_secs(30)).await.success());
+    // The last lines, read after the exit.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let logs = gw.logs.lock().unwrap().clone();
     for line in &logs {
         assert!(
@@ -434,80 +435,4 @@ fn fields(line: &str) -> BTreeMap<String, String> {
         rest = next;
     }
     out
-}
-
-/// The binary with text logs on a pipe (`binary::spawn` asks for JSON).
-struct TextGateway {
-    child: tokio::process::Child,
-    url: String,
-    admin_url: String,
-    logs: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl TextGateway {
-    async fn spawn(toml: String, dir: tempfile::TempDir) -> TextGateway {
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, toml).unwrap();
-        let mut child = binary::command()
-            .arg("--config")
-            .arg(&path)
-            .arg("run")
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("portcullis binary starts");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<BTreeMap<String, String>>();
-        let stderr = child.stderr.take().unwrap();
-        tokio::spawn(async move {
-            let mut tx = Some(tx);
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("portcullis listening") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(fields(&line));
-                    }
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let listening = match tokio::time::timeout(Duration::from_secs(60), rx).await {
-            Ok(Ok(fields)) => fields,
-            _ => panic!(
-                "portcullis did not report listening; stderr:\n{}",
-                logs.lock().unwrap().join("\n")
-            ),
-        };
-        let addr = |key: &str| -> std::net::SocketAddr {
-            listening[key]
-                .trim_matches('"')
-                .parse()
-                .unwrap_or_else(|_| panic!("{key} in {listening:?}"))
-        };
-        TextGateway {
-            url: format!("https://127.0.0.1:{}", addr("addr").port()),
-            admin_url: format!("http://127.0.0.1:{}", addr("admin_addr").port()),
-            child,
-            logs,
-            _dir: dir,
-        }
-    }
-
-    /// SIGTERM, and the exit after the last lines are read.
-    async fn stop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("portcullis exits after SIGTERM")
-            .unwrap();
-        assert!(status.success(), "{status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

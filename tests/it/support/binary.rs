@@ -44,6 +44,12 @@ pub fn command() -> Command {
 pub async fn spawn(mut config: Config, dir: tempfile::TempDir) -> Process {
     config.log.format = LogFormat::Json;
     config.log.level = "info".into();
+    spawn_as_configured(config, dir).await
+}
+
+/// Like [`spawn`], with the config's own log format and level (the
+/// listening line is read in either format).
+pub async fn spawn_as_configured(config: Config, dir: tempfile::TempDir) -> Process {
     let config_path = dir.path().join("gateway.toml");
     std::fs::write(&config_path, config.to_toml()).expect("config written");
     let mut child = command()
@@ -65,13 +71,9 @@ pub async fn spawn(mut config: Config, dir: tempfile::TempDir) -> Process {
         let mut tx = Some(tx);
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
-                if event["message"] == "portcullis listening" {
-                    let addr = event["addr"].as_str().unwrap_or_default().to_owned();
-                    let admin = event["admin_addr"].as_str().unwrap_or_default().to_owned();
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send((addr, admin));
-                    }
+            if let Some(pair) = listening(&line) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(pair);
                 }
             }
             sink.lock().unwrap().push(line);
@@ -98,6 +100,26 @@ pub async fn spawn(mut config: Config, dir: tempfile::TempDir) -> Process {
         config_path,
         dir,
     }
+}
+
+/// The addresses of the "portcullis listening" line, JSON or text.
+fn listening(line: &str) -> Option<(String, String)> {
+    if let Ok(event) = serde_json::from_str::<serde_json::Value>(line) {
+        return (event["message"] == "portcullis listening").then(|| {
+            let field = |k: &str| event[k].as_str().unwrap_or_default().to_owned();
+            (field("addr"), field("admin_addr"))
+        });
+    }
+    if !line.contains("portcullis listening") {
+        return None;
+    }
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|token| token.strip_prefix(k)?.strip_prefix('='))
+            .map(|v| v.trim_matches('"').to_owned())
+            .unwrap_or_default()
+    };
+    Some((field("addr"), field("admin_addr")))
 }
 
 impl Process {
