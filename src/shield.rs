@@ -118,6 +118,15 @@ impl Throttle {
     }
 }
 
+impl From<Throttle> for crate::auth::VerifyError {
+    fn from(throttle: Throttle) -> Self {
+        crate::auth::VerifyError::Throttled {
+            retry_after: throttle.retry_after(),
+            per_login: matches!(throttle, Throttle::Login { .. }),
+        }
+    }
+}
+
 /// How a check that the shield admitted turned out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checked {

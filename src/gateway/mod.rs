@@ -17,7 +17,6 @@ pub use refusal::Refusal;
 
 use self::headers::*;
 use self::log::*;
-use self::refusal::*;
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -702,7 +701,7 @@ impl Gateway {
                     .shield
                     .admit(&self.cache.keyer, &credential, key, client)
                     .await
-                    .map_err(throttled)?;
+                    .map_err(|throttle| Refusal::from(VerifyError::from(throttle)))?;
                 Some(admission)
             }
             // Forwarded unweighed, Grafana would count its password anyway.
@@ -744,10 +743,7 @@ impl Gateway {
             .shield
             .admit(&self.cache.keyer, credential, key, client)
             .await
-            .map_err(|throttle| match throttled(throttle) {
-                Refusal::Throttled(e) => e,
-                _ => unreachable!("throttled() makes Throttled refusals"),
-            })?;
+            .map_err(VerifyError::from)?;
         let asked = Instant::now();
         let verdict = self.verifier.verify(credential).await;
         self.metrics.observe_verifier(asked.elapsed());

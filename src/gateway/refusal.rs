@@ -9,7 +9,6 @@ use crate::auth::{CredentialError, GrafanaRefusal, VerifyError};
 use crate::http::json_response;
 use crate::proxy::{Body, ProxyError};
 use crate::routes::PathError;
-use crate::shield::Throttle;
 
 /// Why a request was answered by the gateway itself.
 #[derive(Debug, thiserror::Error)]
@@ -174,12 +173,4 @@ impl Refusal {
         }
         response
     }
-}
-
-/// The lock-out shield's refusal, as the client gets it (429).
-pub(super) fn throttled(throttle: Throttle) -> Refusal {
-    Refusal::Throttled(VerifyError::Throttled {
-        retry_after: throttle.retry_after(),
-        per_login: matches!(throttle, Throttle::Login { .. }),
-    })
 }
